@@ -1,0 +1,35 @@
+"""Pad a list of layouts into one training batch of tensors (right padding)."""
+
+from __future__ import annotations
+
+import torch
+
+from rim.core.layout import IGNORE, PAD, Layout
+
+
+def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
+    return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch layouts: per-token tensors (B, L) and per-readout metadata (B, R).
+
+    Per token: ``input_ids``, ``segment``, ``index``, ``position_ids``, ``labels``, ``label_readout``.
+    Per readout: ``readout_step`` (t, 0 for answers), ``readout_n_steps`` (T), ``readout_block`` (k);
+    ``n_blocks`` (B, 1). Padded positions get segment PAD, label IGNORE and readout -1.
+    """
+    length = max(len(x) for x in layouts)
+    n_readouts = max(len(x.readouts) for x in layouts)
+    batch = {
+        "input_ids": _pad([x.input_ids for x in layouts], pad_id, length),
+        "segment": _pad([x.segment for x in layouts], PAD, length),
+        "index": _pad([x.index for x in layouts], 0, length),
+        "position_ids": _pad([x.position_ids for x in layouts], 0, length),
+        "labels": _pad([x.labels for x in layouts], IGNORE, length),
+        "label_readout": _pad([x.label_readout for x in layouts], -1, length),
+        "readout_step": _pad([[r.step for r in x.readouts] for x in layouts], 0, n_readouts),
+        "readout_n_steps": _pad([[r.n_steps for r in x.readouts] for x in layouts], 0, n_readouts),
+        "readout_block": _pad([list(range(1, len(x.readouts) + 1)) for x in layouts], 0, n_readouts),
+    }
+    batch["n_blocks"] = torch.tensor([[len(x.readouts)] for x in layouts], dtype=torch.long)
+    return batch

@@ -1,0 +1,156 @@
+"""One thin adapter that makes any Hugging Face causal LM a RiM model, through generic HF APIs only.
+
+- ``add_memory_tokens``: the three special tokens ``<b> <m> </b>``, new embedding rows set to the mean row;
+- ``check_custom_mask_support``: a probe that refuses attention backends which ignore custom 4-D masks;
+- ``make_trainable``: LoRA (peft) plus only the new embedding rows, or every weight;
+- ``masked_forward``: one forward pass under the RiM mask with RiM position ids.
+No model family is special-cased: only ``get_input_embeddings``, ``resize_token_embeddings``, ``attention_mask``,
+and ``position_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rim.core.layout import memory_block
+from rim.core.mask import additive_mask, attention_mask
+
+MEMORY_TOKENS = ("<b>", "<m>", "</b>")
+MASK_IGNORING_BACKENDS = ("flash_attention_2", "flash_attention_3", "paged_attention", "kernels-community")
+
+
+@dataclass(frozen=True)
+class MemoryTokenIds:
+    """Token ids of ``<b>``, ``<m>`` and ``</b>`` in a tokenizer."""
+
+    begin: int
+    memory: int
+    end: int
+
+    def block(self, m: int) -> list[int]:
+        """Token ids of one memory block with M memory tokens."""
+        return memory_block(self.begin, self.memory, self.end, m)
+
+    @property
+    def all(self) -> list[int]:
+        return [self.begin, self.memory, self.end]
+
+
+def memory_token_ids(tokenizer, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
+    """Look up the memory tokens of a tokenizer that already has them (e.g. one saved in a run directory)."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"tokenizer lacks the memory tokens {tokens}; was it saved by `rim train`?")
+    return MemoryTokenIds(*ids)
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token its EOS as pad (padding is always masked out, so this is safe)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an EOS token; set one before training")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
+    """Add ``<b> <m> </b>`` as special tokens and grow the embeddings; new rows start at the mean embedding.
+
+    Starting from the mean (not at random) keeps the new tokens in the distribution the pretrained layers expect.
+    Tokens that already exist are reused, so calling this twice is harmless.
+    """
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    ids = memory_token_ids(tokenizer, tokens)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids.all) >= old_rows:
+        try:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        except (NotImplementedError, AttributeError) as err:
+            raise ValueError(f"{type(model).__name__} cannot resize its token embeddings: {err}") from err
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None and emb.weight.shape[0] > old_rows:
+                    emb.weight[old_rows:] = emb.weight[:old_rows].mean(dim=0)
+    return ids
+
+
+def check_custom_mask_support(model: nn.Module) -> None:
+    """Refuse a model whose attention ignores (or misreads) custom 4-D masks, with a message saying what to do.
+
+    Two probes on a 4-token input: our additive causal mask must give the logits of the model's own causal mask,
+    and hiding token 1 from the last token must change its logits.
+    """
+    backend = getattr(model.config, "_attn_implementation", None)
+    hint = "load the model with attn_implementation='sdpa' or 'eager'"
+    if backend in MASK_IGNORING_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} ignores RiM's custom attention mask; {hint}")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.tensor([[1, 2, 3, 4]], device=device) % model.get_input_embeddings().weight.shape[0]
+        seg = torch.zeros_like(ids)
+        causal = attention_mask(seg, seg)  # all-question sequence: plain causal
+        hidden = causal.clone()
+        hidden[0, 3, 1] = False
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits[0, -1].float()
+            ours = model(input_ids=ids, attention_mask=model_mask(causal, model)).logits[0, -1].float()
+            blocked = model(input_ids=ids, attention_mask=model_mask(hidden, model)).logits[0, -1].float()
+    finally:
+        model.train(was_training)
+    tol = 1e-3 * plain.abs().max().item() + 1e-5
+    if not torch.allclose(plain, ours, atol=tol, rtol=0):
+        raise ValueError(f"attention backend {backend!r} misreads a custom 4-D attention mask; {hint}")
+    if torch.allclose(plain, blocked, atol=0, rtol=0):
+        raise ValueError(f"attention backend {backend!r} ignores custom 4-D attention masks; {hint}")
+
+
+def make_trainable(model: nn.Module, new_token_ids: list[int], mode: str = "lora", lora_rank: int = 128,
+                   lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                   target_modules: str | list[str] = "all-linear") -> nn.Module:
+    """Choose what trains: ``lora`` = LoRA adapters + only the new embedding rows (peft), ``full`` = every weight.
+
+    In ``lora`` mode the model is wrapped by peft; its ``trainable_token_indices`` trains just the memory-token
+    rows of the input embedding, and both are saved with ``save_pretrained`` and load back with peft.
+    """
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    if mode != "lora":
+        raise ValueError(f"unknown training mode {mode!r}; choose 'lora' or 'full'")
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, lora_dropout=lora_dropout,
+                        target_modules=target_modules, trainable_token_indices=list(new_token_ids),
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of the model (stages differ in dropout): nn.Dropout modules and the
+    ``attention_dropout`` attribute that many HF attention modules use functionally."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+
+
+def model_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Boolean (B, L, L) mask -> the 4-D mask a HF model takes as-is: boolean for SDPA and other backends,
+    additive float for ``eager``, which adds the mask to the scores (a boolean would silently add 0/1)."""
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        return additive_mask(mask, model.get_input_embeddings().weight.dtype)
+    return mask.unsqueeze(1)
+
+
+def masked_forward(model: nn.Module, batch: dict[str, torch.Tensor], readout_sees_question: bool = True
+                   ) -> torch.Tensor:
+    """Logits (B, L, V) of one forward pass over laid-out examples under the RiM mask and position ids."""
+    mask = attention_mask(batch["segment"], batch["index"], readout_sees_question)
+    out = model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
+                position_ids=batch["position_ids"], use_cache=False)
+    return out.logits
