@@ -1,0 +1,246 @@
+"""Typed experiment configuration: one YAML file per experiment, strict dotted overrides on the command line.
+
+    rim train configs/demo-rim.yaml train.batch_size=16 stages.grounding.lr=3e-4 method.blocks=6
+
+Unknown keys and values of the wrong type are errors that name the key. A stage is addressed by its name or its
+position (``stages.0.lr``). The resolved config is written to every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model, and what of it trains."""
+
+    name: str = "tiny"  # HF hub id, local directory, alias (smollm2-135m), or "tiny" (random init, see tiny_*)
+    train_mode: str = "lora"  # "lora": LoRA + the memory-token embedding rows; "full": every weight
+    lora_rank: int = 128
+    lora_alpha: float | None = None  # None: equal to the rank
+    lora_dropout: float = 0.0
+    attn_implementation: str = "sdpa"  # must honour custom 4-D masks: sdpa or eager
+    trust_remote_code: bool = False
+    tiny_family: str = "llama"  # for name=tiny: llama or gpt2
+    tiny_layers: int = 8
+    tiny_hidden: int = 96
+    tiny_heads: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Which task and data."""
+
+    task: str = "running-sum"
+    options: dict = field(default_factory=dict)  # task constructor options, e.g. {digits: 4} or {files: {...}}
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train: int | None = None  # use only the first N training examples
+    max_eval: int | None = None
+
+
+@dataclass
+class MethodConfig:
+    """The method and its layout: rim, cot or nocot."""
+
+    name: str = "rim"
+    memory_tokens: int = 2  # M, memory tokens per block
+    blocks: int = 8  # K, blocks at inference (and in refinement unless a stage sets its own)
+    readout_sees_question: bool = True
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. ``kind``: grounding (RiM stage 1), refinement (RiM stage 2) or sft (baselines)."""
+
+    name: str = "sft"
+    kind: str = "sft"
+    epochs: float | None = None  # give epochs or steps
+    steps: int | None = None
+    lr: float = 1e-3
+    warmup: float = 0.04  # fraction of the stage's optimizer steps
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    step_weight: str = "linear"  # λ schedule of step readouts: linear (anneal 1 -> 0) or constant
+    anneal_end: float = 1.0  # fraction of the stage by which every λ has reached 0
+    block_weight: str = "linear"  # α schedule of answer readouts: linear, uniform or last
+    blocks: int | None = None  # K for refinement; None: method.blocks
+    reset_optimizer: bool = True  # fresh optimizer and LR schedule at the start of this stage
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and hardware."""
+
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or no / bf16 / fp16
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation."""
+
+    batch_size: int = 64
+    blocks: int | None = None  # K at inference; None: method.blocks
+    any_block: bool = True  # also decode after every block (RiM): any-block accuracy and per-block readouts
+    latency_examples: int = 20  # problems timed one by one at batch 1 for TTFT and latency
+
+
+@dataclass
+class Config:
+    """One experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/run"
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently coerce int -> float) a value against a type hint; raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or hint
+    if expected is Any or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"config key {key!r}: expected {getattr(expected, '__name__', expected)}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {prefix or '<root>'!r}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; {cls.__name__} has {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        elif name == "stages":
+            if not isinstance(value, list) or not value:
+                raise ConfigError("config key 'stages': expected a non-empty list of stages")
+            kwargs[name] = [_build(StageConfig, s, f"stages.{i}.") for i, s in enumerate(value)]
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c=value`` in a nested dict; list items by index or by their ``name``."""
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            matches = [j for j, s in enumerate(node) if str(j) == part or (isinstance(s, dict) and s.get("name") == part)]
+            if not matches:
+                raise ConfigError(f"config key {dotted!r}: no stage {part!r}")
+            part = matches[0]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted!r}: {'.'.join(parts[:i])!r} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``key=value`` overrides (values parsed as YAML)."""
+    data = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = to_dict(_build(Config, data, ""))  # fill defaults so overrides can reach any key
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _apply_override(data, key.strip(), yaml.safe_load(raw))
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types cannot express."""
+    checks = [
+        (cfg.method.name in ("rim", "cot", "nocot"), "method.name", "one of rim, cot, nocot"),
+        (cfg.method.memory_tokens >= 1, "method.memory_tokens", ">= 1"),
+        (cfg.method.blocks >= 1, "method.blocks", ">= 1"),
+        (cfg.model.train_mode in ("lora", "full"), "model.train_mode", "lora or full"),
+        (cfg.model.lora_rank >= 1, "model.lora_rank", ">= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
+        (cfg.train.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "auto, no, bf16 or fp16"),
+        (not (cfg.model.name == "tiny" and cfg.model.train_mode == "lora"), "model.train_mode",
+         "'full' for model.name=tiny (a randomly initialised model is trained from scratch)"),
+    ]
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        checks += [
+            (stage.kind in ("grounding", "refinement", "sft"), f"{key}.kind", "grounding, refinement or sft"),
+            ((stage.epochs is None) != (stage.steps is None), f"{key}.epochs/steps", "exactly one of the two set"),
+            (stage.lr > 0, f"{key}.lr", "> 0"),
+            (0 <= stage.warmup < 1, f"{key}.warmup", "in [0, 1)"),
+            (0 <= stage.dropout < 1, f"{key}.dropout", "in [0, 1)"),
+            (0 < stage.anneal_end <= 1, f"{key}.anneal_end", "in (0, 1]"),
+            (stage.blocks is None or stage.blocks >= 1, f"{key}.blocks", ">= 1"),
+            ((stage.kind == "sft") == (cfg.method.name != "rim"), f"{key}.kind",
+             "sft for cot/nocot, grounding or refinement for rim"),
+        ]
+    for ok, key, want in checks:
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {want}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,181 @@
+"""Tasks: each owns its data loading, readout text, answer extraction, correctness rule and answer length.
+
+Built in:
+- ``running-sum``: a synthetic multi-step task made by a generator (no files). The question is n digits, step t
+  is the running sum of the first t digits modulo 10, the answer is the last one::
+
+      question  "3 7 2 9"    steps  "3" "0" "2" "1"    answer "1"
+
+  The answer depends on every digit at once (a parity-like function that a small model does not learn in one
+  pass), while each step is one small addition: the kind of problem that step-by-step text solves.
+- ``jsonl``: your own data, one JSON object per line with ``question`` (str), ``steps`` (list of str) and
+  ``answer`` (str); malformed lines fail with the file, line and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+COT_SEPARATOR = "####"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem: question text, reasoning steps (may be empty) and the gold answer."""
+
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+class Task:
+    """Base task: plain-text readouts, CoT as ``steps #### answer``, exact-match correctness."""
+
+    name = "task"
+    max_new_tokens = 16  # answer budget for No-CoT and RiM; CoT adds cot_tokens_per_step per step
+    cot_tokens_per_step = 8
+
+    def load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        """Every whitespace-separated word of the task's texts (for a word-level tokenizer trained from scratch)."""
+        words = {COT_SEPARATOR}
+        for split in ("train", "valid", "test"):
+            try:
+                examples = self.load(split)
+            except DataError:
+                raise
+            except ValueError:  # the task has no such split
+                continue
+            for ex in examples:
+                words.update(" ".join((ex.question, ex.answer) + ex.steps).split())
+        return sorted(words)
+
+    def step_text(self, step: str) -> str:
+        return " " + step
+
+    def answer_text(self, answer: str) -> str:
+        return " " + answer
+
+    def cot_text(self, ex: Example) -> str:
+        return " " + " ".join(ex.steps + (COT_SEPARATOR, ex.answer))
+
+    def extract_answer(self, text: str, cot: bool = False) -> str:
+        """The answer inside generated text: after the last ``####`` for CoT, the stripped text otherwise."""
+        if cot:
+            return text.rsplit(COT_SEPARATOR, 1)[1].strip() if COT_SEPARATOR in text else ""
+        return text.strip()
+
+    def is_correct(self, prediction: str, gold: str) -> bool:
+        return prediction.strip() == gold.strip()
+
+
+class RunningSum(Task):
+    """Running sum modulo ``modulus`` of ``digits`` random digits; splits drawn from disjoint seeds."""
+
+    name = "running-sum"
+    max_new_tokens = 4
+    cot_tokens_per_step = 1
+
+    def __init__(self, digits: int = 4, modulus: int = 10, n_train: int = 20000, n_test: int = 300,
+                 n_valid: int = 300, seed: int = 0):
+        self.digits, self.modulus, self.seed = digits, modulus, seed
+        self.sizes = {"train": n_train, "valid": n_valid, "test": n_test}
+
+    def make(self, rng: random.Random) -> Example:
+        """Draw one problem."""
+        xs = [rng.randrange(self.modulus) for _ in range(self.digits)]
+        sums, total = [], 0
+        for x in xs:
+            total = (total + x) % self.modulus
+            sums.append(str(total))
+        return Example(" ".join(map(str, xs)), tuple(sums), sums[-1])
+
+    def load(self, split: str) -> list[Example]:
+        if split not in self.sizes:
+            raise ValueError(f"running-sum has splits {list(self.sizes)}, not {split!r}")
+        # test and valid problems never appear in train: they are drawn first and excluded from it
+        held_out = {s: self._draw(s, self.sizes[s]) for s in ("test", "valid")}
+        if split != "train":
+            return held_out[split]
+        seen = {ex.question for exs in held_out.values() for ex in exs}
+        rng = random.Random(f"{self.seed}-train")
+        out: list[Example] = []
+        while len(out) < self.sizes["train"]:
+            ex = self.make(rng)
+            if ex.question not in seen:
+                out.append(ex)
+        return out
+
+    def _draw(self, split: str, n: int) -> list[Example]:
+        rng = random.Random(f"{self.seed}-{split}")
+        return [self.make(rng) for _ in range(n)]
+
+    def vocabulary(self) -> list[str]:
+        """Every word the task's texts use (for a word-level tokenizer)."""
+        return [str(d) for d in range(self.modulus)] + [COT_SEPARATOR]
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read ``{"question", "steps", "answer"}`` lines; a malformed line raises DataError naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            out.append(_parse_record(line, f"{path}:{line_no}"))
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def _parse_record(line: str, where: str) -> Example:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key, kind in (("question", str), ("answer", (str, int, float)), ("steps", list)):
+        if key not in rec:
+            raise DataError(f"{where}: missing field {key!r}")
+        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
+            raise DataError(f"{where}: field {key!r} has type {type(rec[key]).__name__}")
+    if not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
+        raise DataError(f"{where}: every step must be a non-empty string")
+    if not rec["question"].strip():
+        raise DataError(f"{where}: empty question")
+    return Example(rec["question"], tuple(rec["steps"]), str(rec["answer"]))
+
+
+class JsonlTask(Task):
+    """Your own data: one JSONL file per split (``files: {train: ..., test: ...}``)."""
+
+    name = "jsonl"
+
+    def __init__(self, files: dict[str, str], max_new_tokens: int = 16):
+        self.files, self.max_new_tokens = files, max_new_tokens
+
+    def load(self, split: str) -> list[Example]:
+        if split not in self.files:
+            raise ValueError(f"no file for split {split!r}; data.files has {sorted(self.files)}")
+        return read_jsonl(self.files[split])
+
+
+def make_task(name: str, options: dict) -> Task:
+    """Build a task by name from its options (``data.options`` in the config)."""
+    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
+    try:
+        return tasks[name](**options)
+    except TypeError as err:
+        raise ValueError(f"bad options for task {name!r}: {err}") from None

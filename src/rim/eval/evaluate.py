@@ -1,0 +1,117 @@
+"""Evaluation: final-block and any-block accuracy, per-example predictions, time to first token and latency.
+
+- final-block accuracy: the answer decoded after ``question + K blocks`` (the deployable metric);
+- any-block accuracy: correct if the readout after *any* block k = 1..K is right (an oracle "potential");
+  it applies to methods with memory blocks only (None otherwise);
+- latency: problems decoded one at a time (batch 1) after one warm-up; medians of the time to the first *answer*
+  token (for CoT: the first token after the generated reasoning and its ``####``) and of the full answer.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from rim.data.tasks import COT_SEPARATOR, Task
+from rim.infer.generate import greedy_generate
+from rim.methods.base import Method, TokenizedExample
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation and its per-example records."""
+
+    metrics: dict
+    records: list[dict] = field(default_factory=list)
+
+
+def _decode_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        gen = greedy_generate(model, prompts[i:i + batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              max_new_tokens)
+        out += gen.tokens
+    return out
+
+
+def answer_budget(task: Task, method: Method, examples: list[TokenizedExample]) -> int:
+    """Tokens to generate: the task's answer budget, plus room for the longest reasoning for CoT."""
+    if not method.cot:
+        return task.max_new_tokens
+    return max(len(ex.cot) for ex in examples) + task.max_new_tokens
+
+
+def answer_start(tokenizer, tokens: list[int], cot: bool) -> int:
+    """Index of the first answer token among generated tokens: 0, or for CoT the token after ``####``."""
+    if not cot:
+        return 0
+    for i in range(1, len(tokens) + 1):
+        if COT_SEPARATOR in tokenizer.decode(tokens[:i], skip_special_tokens=True):
+            return i
+    return len(tokens)  # no separator: the answer, if any, comes last
+
+
+def measure_latency(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    cot: bool = False) -> dict:
+    """Median time to the first answer token and to the full answer, batch 1, after one warm-up run."""
+    if not prompts:
+        return {"ttft_ms": None, "latency_ms": None}
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    greedy_generate(model, [prompts[0]], pad, eos, max_new_tokens)  # warm-up: allocator, kernels, caches
+    first, total = [], []
+    for p in prompts:
+        gen = greedy_generate(model, [p], pad, eos, max_new_tokens)
+        start = min(answer_start(tokenizer, gen.tokens[0], cot), len(gen.step_s) - 1)
+        first.append(gen.step_s[start] * 1e3)
+        total.append(gen.total_s * 1e3)
+    return {"ttft_ms": statistics.median(first), "latency_ms": statistics.median(total)}
+
+
+def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: list[TokenizedExample],
+             blocks: int, batch_size: int = 64, any_block: bool = True, latency_examples: int = 20) -> EvalResult:
+    """Score ``examples``; decode after every block too when the method has blocks and ``any_block`` is set."""
+    model.eval()
+    budget = answer_budget(task, method, examples)
+    final_prompts = [method.prompt(ex, blocks) for ex in examples]
+    final = _decode_all(model, tokenizer, final_prompts, budget, batch_size)
+    per_block: list[list[list[int]]] = []
+    if method.any_block and any_block:
+        per_block = [_decode_all(model, tokenizer, [method.prompt(ex, k) for ex in examples], budget, batch_size)
+                     for k in range(1, blocks + 1)]
+    records, n_final, n_any, n_tokens = [], 0, 0, 0
+    for i, ex in enumerate(examples):
+        text = tokenizer.decode(final[i], skip_special_tokens=True)
+        pred = task.extract_answer(text, cot=method.cot)
+        ok = task.is_correct(pred, ex.example.answer)
+        rec = {"question": ex.example.question, "gold": ex.example.answer, "prediction": pred, "output": text,
+               "correct": ok, "generated_tokens": len(final[i]) + 1}  # + the EOS it generated
+        if per_block:
+            readouts = [task.extract_answer(tokenizer.decode(b[i], skip_special_tokens=True)) for b in per_block]
+            rec["block_readouts"] = readouts
+            rec["block_correct"] = [task.is_correct(r, ex.example.answer) for r in readouts]
+            n_any += any(rec["block_correct"])
+        n_final += ok
+        n_tokens += rec["generated_tokens"]
+        records.append(rec)
+    n = len(examples)
+    metrics = {
+        "method": method.name, "n": n, "blocks": blocks if method.any_block else None,
+        "final_block_accuracy": n_final / n,
+        "any_block_accuracy": n_any / n if per_block else None,
+        "generated_tokens": n_tokens / n,
+    }
+    if per_block:
+        metrics["block_accuracy"] = [sum(r["block_correct"][k] for r in records) / n for k in range(blocks)]
+    metrics.update(measure_latency(model, tokenizer, final_prompts[:latency_examples], budget, method.cot))
+    return EvalResult(metrics, records)
+
+
+def write_predictions(records: list[dict], path: str | Path) -> None:
+    """Per-example predictions as JSONL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")

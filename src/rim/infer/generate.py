@@ -1,0 +1,74 @@
+"""Inference: one prefill of the prompt (for RiM, ``question + K blocks``), then batched greedy decoding.
+
+Prompts are left-padded so every sequence's next token sits in the last column; position ids count real tokens
+only (a padded prompt gets the positions it would have alone), and each sequence stops at its own EOS.
+With ``use_cache=False`` every step re-runs the whole sequence: the slow reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Generation:
+    """Generated token ids per prompt (EOS excluded), and wall-clock times in seconds since the call began."""
+
+    tokens: list[list[int]]
+    step_s: list[float]  # step_s[i]: when token i of the batch was known (step_s[0]: prefill + first token)
+    total_s: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and 0/1 attention mask, padded on the left."""
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                    use_cache: bool = True) -> Generation:
+    """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch = ids.shape[0]
+    out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    past, step_ids, step_s = None, ids, []
+    for step in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if past is not None:
+            positions = positions[:, -1:]
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                    use_cache=use_cache)
+        next_token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
+        out_tokens[:, step] = next_token
+        done |= next_token == eos_id
+        finished = bool(done.all())  # one host sync per token: the price of stopping early
+        step_s.append(time.perf_counter() - start)
+        if finished:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if use_cache:
+            past, step_ids = out.past_key_values, next_token[:, None]
+        else:
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+            step_ids = ids
+    _sync(device)
+    total_s = time.perf_counter() - start
+    tokens = []
+    for row in out_tokens.tolist():
+        tokens.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return Generation(tokens, step_s, total_s)

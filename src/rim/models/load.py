@@ -1,0 +1,41 @@
+"""Build the model and tokenizer a config names, with memory tokens added and the mask capability checked."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rim.config import ModelConfig
+from rim.data.tasks import Task
+from rim.models.adapter import MemoryTokenIds, add_memory_tokens, check_custom_mask_support, ensure_pad_token
+
+
+def load_base(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, object]:
+    """The pretrained (or, for ``tiny``, freshly initialised) model and its tokenizer, in float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.name == "tiny":
+        from rim.models.tiny import tiny_model, word_tokenizer
+
+        if task is None:
+            raise ValueError("model.name=tiny builds its tokenizer from the task's vocabulary; no task given")
+        tokenizer = word_tokenizer(task.vocabulary())
+        model = tiny_model(len(tokenizer), cfg.tiny_family, cfg.tiny_layers, cfg.tiny_hidden, cfg.tiny_heads,
+                           attn_implementation=cfg.attn_implementation)
+        return model, tokenizer
+    from rim.models.hub import resolve_model_path
+
+    path = resolve_model_path(cfg.name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def build_model(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, object, MemoryTokenIds]:
+    """Base model + tokenizer with a pad token and the memory tokens, refused if it ignores custom masks."""
+    model, tokenizer = load_base(cfg, task)
+    ensure_pad_token(tokenizer)
+    memory = add_memory_tokens(tokenizer, model)
+    check_custom_mask_support(model)
+    return model, tokenizer, memory

