@@ -21,13 +21,13 @@ ALIAS = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("rim-cache")
+def model_dir(smollm2_dir: Path) -> Path:
+    return smollm2_dir  # the one conversion of the session (conftest)
 
 
 @pytest.fixture(scope="module")
-def model_dir(cache_dir: Path) -> Path:
-    return Path(hub.resolve_model_path(ALIAS, cache_dir=cache_dir))  # the one conversion of the session
+def cache_dir(model_dir: Path) -> Path:
+    return model_dir.parent.parent
 
 
 @pytest.fixture(scope="module")

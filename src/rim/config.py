@@ -27,7 +27,8 @@ class ModelConfig:
     """Which model, and what of it trains."""
 
     name: str = "tiny"  # HF hub id, local directory, alias (smollm2-135m), or "tiny" (random init, see tiny_*)
-    train_mode: str = "lora"  # "lora": LoRA + the memory-token embedding rows; "full": every weight
+    train_mode: str = "auto"  # lora: LoRA + the memory-token embedding rows; full: every weight; auto: full for tiny
+    # (trained from scratch), lora otherwise
     lora_rank: int = 128
     lora_alpha: float | None = None  # None: equal to the rank
     lora_dropout: float = 0.0
@@ -111,10 +112,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[StageConfig] = field(default_factory=lambda: paper_stages())
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
+
+
+def paper_stages() -> list[StageConfig]:
+    """The paper's curriculum (PAPER.md section 4): grounding for 6 epochs, then refinement for 2 epochs with the
+    optimizer reset, a lower learning rate and more dropout (the two learning rates and dropouts are ours)."""
+    return [StageConfig(name="grounding", kind="grounding", epochs=6, lr=1e-4, dropout=0.0, block_weight="uniform"),
+            StageConfig(name="refinement", kind="refinement", epochs=2, lr=5e-5, dropout=0.1, block_weight="linear")]
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -134,6 +142,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         raise errors[0]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = origin or hint
     if expected is Any or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
         return value
@@ -210,7 +223,7 @@ def validate(cfg: Config) -> None:
         (cfg.method.name in ("rim", "cot", "nocot"), "method.name", "one of rim, cot, nocot"),
         (cfg.method.memory_tokens >= 1, "method.memory_tokens", ">= 1"),
         (cfg.method.blocks >= 1, "method.blocks", ">= 1"),
-        (cfg.model.train_mode in ("lora", "full"), "model.train_mode", "lora or full"),
+        (cfg.model.train_mode in ("auto", "lora", "full"), "model.train_mode", "auto, lora or full"),
         (cfg.model.lora_rank >= 1, "model.lora_rank", ">= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
@@ -234,6 +247,8 @@ def validate(cfg: Config) -> None:
     for ok, key, want in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} must be {want}")
+    if cfg.model.train_mode == "auto":
+        cfg.model.train_mode = "full" if cfg.model.name == "tiny" else "lora"
 
 
 def to_dict(cfg: Config) -> dict:

@@ -131,7 +131,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            out.append(_parse_record(line, f"{path}:{line_no}"))
+            out.append(_parse_record(line, f"{path}, line {line_no}"))
     if not out:
         raise DataError(f"{path}: no examples")
     return out

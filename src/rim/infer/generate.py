@@ -7,6 +7,7 @@ With ``use_cache=False`` every step re-runs the whole sequence: the slow referen
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """Name of the KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids and 0/1 attention mask, padded on the left."""
     length = max(len(p) for p in prompts)
@@ -46,13 +53,13 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     batch = ids.shape[0]
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    past, step_ids, step_s = None, ids, []
+    past, step_ids, step_s, cache_arg = None, ids, [], cache_argument(model)
     for step in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if past is not None:
             positions = positions[:, -1:]
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                    use_cache=use_cache)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                    **{cache_arg: past})
         next_token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
         out_tokens[:, step] = next_token
         done |= next_token == eos_id
@@ -62,7 +69,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if use_cache:
-            past, step_ids = out.past_key_values, next_token[:, None]
+            past, step_ids = out[cache_arg], next_token[:, None]
         else:
             ids = torch.cat([ids, next_token[:, None]], dim=1)
             step_ids = ids

