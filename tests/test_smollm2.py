@@ -124,3 +124,41 @@ def test_interrupted_conversion_is_redone(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(hub, "convert_gguf", lambda gguf, out: (Path(out) / "config.json").write_text("{}"))
     assert hub.resolve_model_path(ALIAS, cache_dir=tmp_path) == str(target)
     assert (target / "config.json").read_text() == "{}" and (target / hub.MARKER).is_file()
+
+
+def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
+    """The RiM adapter on a real pretrained model: memory tokens, mask probe, one pass == inference passes,
+    and a LoRA step that moves only LoRA weights and the memory-token rows."""
+    from rim.config import ModelConfig, StageConfig
+    from rim.core.batch import collate
+    from rim.core.curriculum import weighted_readout_loss
+    from rim.core.layout import READOUT, build_layout, refinement_readouts
+    from rim.models.adapter import make_trainable, masked_forward
+    from rim.models.load import build_model
+    from rim.train.loop import stage_weights
+
+    model, tok, mem = build_model(ModelConfig(name=str(model_dir)))  # includes the custom-mask probe
+    assert tok.convert_ids_to_tokens(mem.all) == ["<b>", "<m>", "</b>"] and len(tok) == mem.end + 1
+    question = tok("Tom has 3 apples and buys 4 more. How many?")["input_ids"]
+    answer = tok(" 7", add_special_tokens=False)["input_ids"]
+    layout = build_layout(question, [mem.block(2)] * 2, refinement_readouts(answer, 2), tok.eos_token_id)
+    batch = collate([layout], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        masked = masked_forward(model, batch)[0]
+        alone = model(input_ids=torch.tensor([question + mem.block(2) * 2 + answer])).logits[0]
+    keep = [i for i, (s, k) in enumerate(zip(layout.segment, layout.index)) if not (s == READOUT and k == 1)]
+    assert torch.allclose(masked[keep], alone, atol=1e-3 * alone.abs().max().item())
+
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = make_trainable(model, mem.all, "lora", lora_rank=4)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    peft_model.train()
+    stage = StageConfig(name="r", kind="refinement", steps=1)
+    loss = weighted_readout_loss(masked_forward(peft_model, batch), batch["labels"], stage_weights(batch, stage, 0.0))
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        emb_after = peft_model.get_input_embeddings()(torch.arange(emb_before.shape[0]))
+    changed = (emb_after != emb_before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == mem.all
