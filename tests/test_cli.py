@@ -72,6 +72,11 @@ def test_train_eval_show_layout_through_cli(tmp_path):
 def test_cli_errors_name_the_key(tmp_path):
     done = rim("train", str(write_config(tmp_path)), "train.batchsize=4")
     assert done.returncode == 2 and "'train.batchsize'" in done.stderr
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint/rim.json").write_text("{}")
+    done = rim("train", str(write_config(tmp_path)))
+    assert done.returncode == 2 and "already holds a finished run" in done.stderr
     done = rim("eval", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "no finished checkpoint" in done.stderr
 

@@ -93,6 +93,17 @@ def test_running_sum_task():
     assert task.extract_answer(" 3 0 2 #### 7", cot=True) == "7" and task.extract_answer(" 3 0", cot=True) == ""
 
 
+def test_cot_text_round_trips_through_the_word_tokenizer():
+    from rim.models.tiny import word_tokenizer
+
+    task = RunningSum(n_train=10, n_test=5, n_valid=5)
+    tok = word_tokenizer(task.vocabulary())
+    for ex in task.load("test"):
+        text = tok.decode(tok(task.cot_text(ex))["input_ids"])
+        assert text == " ".join(ex.steps) + " #### " + ex.answer
+        assert task.extract_answer(text, cot=True) == ex.answer
+
+
 def test_jsonl_loader_reads_and_names_bad_lines(tmp_path):
     good = {"question": "1 2", "steps": ["1", "3"], "answer": 3}
     path = write(tmp_path, json.dumps(good) + "\n\n" + json.dumps(good) + "\n", "d.jsonl")

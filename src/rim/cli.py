@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
     return 0

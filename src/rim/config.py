@@ -116,6 +116,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
+    overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
 
 
 def paper_stages() -> list[StageConfig]:

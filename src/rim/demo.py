@@ -43,7 +43,8 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, methods: tuple[st
     rows = []
     for method in methods:
         cfg = load_config(demo_config_path(method),
-                          [f"train.seed={seed}", f"output_dir={out_dir / method}", *(overrides or [])])
+                          [f"train.seed={seed}", f"output_dir={out_dir / method}", "overwrite=true",
+                           *(overrides or [])])
         print(f"== {method}: training ==", flush=True)
         train(cfg)
         metrics = eval_run(cfg.output_dir).metrics

@@ -14,15 +14,18 @@ SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_t
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over ``words`` plus pad/bos/eos/unk.
 
-    >>> word_tokenizer(["1", "2", "+"])("1 + 2")["input_ids"]
-    [5, 4, 6]
+    >>> word_tokenizer(["1", "2", "+"])("1 + 2")["input_ids"]   # <s> 1 + 2
+    [1, 5, 4, 6]
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {tok: i for i, tok in enumerate(list(SPECIAL.values()) + sorted(set(words)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word tokens with single spaces
+    # BOS first, as most pretrained tokenizers do: a fixed first token gives rotary-position models an anchor
+    bos = SPECIAL["bos_token"]
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    # no decoder: decoding joins the words with single spaces (a WordPiece decoder would eat "##" prefixes)
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL)
 
 

@@ -157,11 +157,15 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir or cfg.output_dir)
+    if (run_dir / "checkpoint" / "rim.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir "
+                              "or set overwrite=true")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     log = RunLog(run_dir, accelerator.is_main_process)
     task = make_task(cfg.data.task, cfg.data.options)
     model, tokenizer, memory = build_model(cfg.model, task)
