@@ -58,21 +58,24 @@ def ensure_pad_token(tokenizer) -> None:
 def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
     """Add ``<b> <m> </b>`` as special tokens and grow the embeddings; new rows start at the mean embedding.
 
-    Starting from the mean (not at random) keeps the new tokens in the distribution the pretrained layers expect.
-    Tokens that already exist are reused, so calling this twice is harmless.
+    Starting from the mean of the real token rows (not at random, and not from whatever spare rows a padded
+    vocabulary holds) keeps the new tokens in the distribution the pretrained layers expect. A tokenizer that
+    already has the tokens (one saved by ``rim train``) is left as it is, so trained rows are never reset.
     """
-    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    n_real = len(tokenizer)
+    added = tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
     ids = memory_token_ids(tokenizer, tokens)
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    if max(ids.all) >= old_rows:
+    if added == 0:
+        return ids
+    if max(ids.all) >= model.get_input_embeddings().weight.shape[0]:
         try:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         except (NotImplementedError, AttributeError) as err:
             raise ValueError(f"{type(model).__name__} cannot resize its token embeddings: {err}") from err
-        with torch.no_grad():
-            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-                if emb is not None and emb.weight.shape[0] > old_rows:
-                    emb.weight[old_rows:] = emb.weight[:old_rows].mean(dim=0)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                emb.weight[ids.all] = emb.weight[:n_real].mean(dim=0)
     return ids
 
 
@@ -130,18 +133,21 @@ def make_trainable(model: nn.Module, new_token_ids: list[int], mode: str = "lora
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout probability of the model (stages differ in dropout): nn.Dropout modules and the
-    ``attention_dropout`` attribute that many HF attention modules use functionally."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
+    """Set the model's dropout probability (stages differ in dropout): nn.Dropout modules and the
+    ``attention_dropout`` attribute that many HF attention modules use functionally. LoRA's own dropout
+    (``model.lora_dropout``) is left as configured."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
             module.p = p
-        if isinstance(getattr(module, "attention_dropout", None), float):
+        value = getattr(module, "attention_dropout", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             module.attention_dropout = p
 
 
 def model_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Boolean (B, L, L) mask -> the 4-D mask a HF model takes as-is: boolean for SDPA and other backends,
     additive float for ``eager``, which adds the mask to the scores (a boolean would silently add 0/1)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel hides the HF model's attributes
     if getattr(model.config, "_attn_implementation", None) == "eager":
         return additive_mask(mask, model.get_input_embeddings().weight.dtype)
     return mask.unsqueeze(1)

@@ -10,8 +10,8 @@ from rim.data.tasks import Task
 from rim.models.adapter import MemoryTokenIds, add_memory_tokens, check_custom_mask_support, ensure_pad_token
 
 
-def load_base(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, object]:
-    """The pretrained (or, for ``tiny``, freshly initialised) model and its tokenizer, in float32."""
+def load_base(cfg: ModelConfig, task: Task | None = None, seed: int = 0) -> tuple[nn.Module, object]:
+    """The pretrained (or, for ``tiny``, freshly initialised from ``seed``) model and its tokenizer, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.name == "tiny":
@@ -21,7 +21,7 @@ def load_base(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, ob
             raise ValueError("model.name=tiny builds its tokenizer from the task's vocabulary; no task given")
         tokenizer = word_tokenizer(task.vocabulary())
         model = tiny_model(len(tokenizer), cfg.tiny_family, cfg.tiny_layers, cfg.tiny_hidden, cfg.tiny_heads,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=cfg.attn_implementation, seed=seed)
         return model, tokenizer
     from rim.models.hub import resolve_model_path
 
@@ -32,9 +32,10 @@ def load_base(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, ob
     return model, tokenizer
 
 
-def build_model(cfg: ModelConfig, task: Task | None = None) -> tuple[nn.Module, object, MemoryTokenIds]:
+def build_model(cfg: ModelConfig, task: Task | None = None, seed: int = 0
+                ) -> tuple[nn.Module, object, MemoryTokenIds]:
     """Base model + tokenizer with a pad token and the memory tokens, refused if it ignores custom masks."""
-    model, tokenizer = load_base(cfg, task)
+    model, tokenizer = load_base(cfg, task, seed)
     ensure_pad_token(tokenizer)
     memory = add_memory_tokens(tokenizer, model)
     check_custom_mask_support(model)

@@ -46,5 +46,6 @@ def tiny_model(vocab_size: int, family: str = "llama", layers: int = 2, hidden: 
                                       n_positions=max_positions, **extra)
     else:
         raise ValueError(f"unknown tiny model family {family!r}; choose 'llama' or 'gpt2'")
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG stream alone
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

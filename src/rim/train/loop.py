@@ -72,10 +72,24 @@ def stage_weights(batch: dict[str, torch.Tensor], stage: StageConfig, progress: 
 
 
 def stage_length(stage: StageConfig, batches_per_epoch: int, grad_accum: int) -> int:
-    """Optimizer steps of a stage, from its ``steps`` or ``epochs``."""
+    """Optimizer steps of a stage, from its ``steps`` or ``epochs``.
+
+    ``batches_per_epoch`` is what this process sees (after sharding). accelerate also steps at the end of every
+    epoch, so an epoch is ceil(batches / grad_accum) optimizer steps.
+    """
     if stage.steps is not None:
         return stage.steps
-    return max(1, math.ceil(stage.epochs * batches_per_epoch / grad_accum))
+    return max(1, math.ceil(stage.epochs * math.ceil(batches_per_epoch / grad_accum)))
+
+
+def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.optim.Optimizer:
+    """A new AdamW over the trainable parameters; the old one's state (2x the trainable weights) is freed."""
+    if old is not None:
+        old.optimizer.state.clear()
+        if old in accelerator._optimizers:  # accelerate keeps every prepared optimizer alive otherwise
+            accelerator._optimizers.remove(old)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return accelerator.prepare(torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay))
 
 
 def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -94,16 +108,14 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
     layouts = [method.train_layout(ex, stage) for ex in data]
     generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
-    loader = DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    loader = accelerator.prepare(DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True,
+                                            generator=generator, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)))
     total = stage_length(stage, len(loader), cfg.train.grad_accum)
     if optimizer is None or stage.reset_optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay))
+        optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = stage.lr
     scheduler = warmup_constant(optimizer, int(stage.warmup * total))
-    loader = accelerator.prepare(loader)
     set_dropout(model, stage.dropout)
     model.train()
     bar = tqdm(total=total, desc=f"{stage.name}", disable=not (cfg.train.progress and accelerator.is_main_process))
@@ -168,7 +180,7 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     log = RunLog(run_dir, accelerator.is_main_process)
     task = make_task(cfg.data.task, cfg.data.options)
-    model, tokenizer, memory = build_model(cfg.model, task)
+    model, tokenizer, memory = build_model(cfg.model, task, cfg.train.seed)
     model = make_trainable(model, memory.all, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
                            cfg.model.lora_dropout)
     method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)

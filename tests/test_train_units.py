@@ -1,0 +1,86 @@
+"""Units of the training harness: stage length, seeding, dropout per stage, memory-row init, optimizer reset,
+a DDP-wrapped model."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from conftest import WORDS, make_tiny
+from rim.config import StageConfig
+from rim.core.batch import collate
+from rim.core.layout import build_layout, refinement_readouts
+from rim.models.adapter import add_memory_tokens, make_trainable, masked_forward, set_dropout
+from rim.models.tiny import tiny_model, word_tokenizer
+from rim.train.loop import fresh_optimizer, stage_length
+
+
+def test_stage_length_counts_epochs_as_accelerate_steps():
+    assert stage_length(StageConfig(steps=7), 100, 4) == 7
+    assert stage_length(StageConfig(epochs=6), 5, 1) == 30
+    assert stage_length(StageConfig(epochs=6), 5, 2) == 18  # 3 optimizer steps per epoch of 5 micro-batches
+    assert stage_length(StageConfig(epochs=0.5), 10, 1) == 5
+
+
+def test_tiny_model_init_follows_seed_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a = tiny_model(20, "llama", layers=1, hidden=16, heads=2, seed=0)
+    assert torch.rand(1) == expected
+    b = tiny_model(20, "llama", layers=1, hidden=16, heads=2, seed=1)
+    c = tiny_model(20, "llama", layers=1, hidden=16, heads=2, seed=0)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert not torch.equal(wa, wb) and torch.equal(wa, wc)
+
+
+def test_set_dropout_keeps_lora_dropout():
+    model, _, mem = make_tiny("gpt2")
+    peft_model = make_trainable(model, mem.all, "lora", lora_rank=2, lora_dropout=0.05)
+    set_dropout(peft_model, 0.3)
+    probs = {n: m.p for n, m in peft_model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert probs and all(p == (0.05 if "lora_dropout" in n else 0.3) for n, p in probs.items())
+    llama, _, _ = make_tiny("llama")
+    set_dropout(llama, 0.2)
+    assert llama.model.layers[0].self_attn.attention_dropout == 0.2
+
+
+def test_memory_rows_start_at_mean_even_with_spare_vocab_rows():
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok) + 16, "llama", layers=1, hidden=16, heads=2)  # padded vocabulary: no resize needed
+    with torch.no_grad():
+        model.get_input_embeddings().weight[len(tok):] = 7.0  # spare rows hold junk
+    real_mean = model.get_input_embeddings().weight[: len(tok)].mean(0).clone()
+    mem = add_memory_tokens(tok, model)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) + 13  # not resized
+    assert torch.allclose(model.get_input_embeddings().weight[mem.all], real_mean.expand(3, -1))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[mem.all] = 1.0  # "trained"
+    assert add_memory_tokens(tok, model) == mem  # already present: trained rows are kept
+    assert (model.get_input_embeddings().weight[mem.all] == 1.0).all()
+
+
+def test_optimizer_reset_frees_the_old_state():
+    from accelerate import Accelerator
+
+    model, _, _ = make_tiny("llama")
+    accelerator = Accelerator(cpu=True)
+    first = fresh_optimizer(model, StageConfig(lr=1e-3), accelerator)
+    model(input_ids=torch.tensor([[4, 5]])).logits.sum().backward()
+    first.step()
+    assert len(first.optimizer.state) > 0
+    second = fresh_optimizer(model, StageConfig(lr=1e-4), accelerator, first)
+    assert len(first.optimizer.state) == 0 and accelerator._optimizers == [second]
+
+
+def test_masked_forward_through_ddp_wrapper(tmp_path):
+    model, _, mem = make_tiny("llama", attn="eager")  # eager: the mask path that reads the model's dtype
+    layout = build_layout([4, 5, 6], [mem.block(2)] * 2, refinement_readouts([7], 2), eos_id=2)
+    batch = collate([layout], pad_id=0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        with torch.no_grad():
+            assert torch.allclose(masked_forward(wrapped, batch), masked_forward(model, batch))
+    finally:
+        dist.destroy_process_group()
