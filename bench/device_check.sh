@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/rim-device}; RUNS=/tmp/rim-runs; mkdir -p "$OUT" "$RUNS"  # only a few files come back from $OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/env.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+(git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout here") | tee -a "$OUT/env.txt"
 (timeout 420 python3 -m pytest -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log") &
 for s in 0 1 2; do
   (python3 -m rim.cli demo --out "$RUNS/demo-s$s" --seed "$s" train.device=auto train.progress=false \

@@ -111,3 +111,18 @@ def test_lora_run_on_a_local_pretrained_model(tmp_path):
     assert trained and any(p.abs().sum() > 0 for p in trained)  # the adapter carries trained weights
     memory_rows = model.get_input_embeddings()(torch.tensor(method.block[:3]))
     assert not torch.allclose(memory_rows[0], memory_rows[1])  # <b> and <m> rows moved apart from their mean init
+
+
+def test_demo_writes_results_json(tmp_path):
+    tiny = ["model.tiny_layers=1", "model.tiny_hidden=16", "model.tiny_heads=2", "train.progress=false",
+            "data.options={digits: 3, n_train: 64, n_test: 8, n_valid: 8}", "stages.0.steps=2",
+            "eval.latency_examples=2", "train.batch_size=8"]
+    done = rim("demo", "--out", str(tmp_path / "demo"), *tiny)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "demo/results.json").read_text())
+    assert [r["method"] for r in rows] == ["nocot", "cot", "rim"]
+    keys = {"method", "final_block_accuracy", "any_block_accuracy", "generated_tokens", "ttft_ms", "latency_ms", "n"}
+    assert all(set(r) == keys and r["n"] == 8 for r in rows)
+    assert rows[0]["any_block_accuracy"] is None and rows[2]["any_block_accuracy"] is not None
+    assert rows[1]["generated_tokens"] > rows[0]["generated_tokens"]  # CoT generates its reasoning
+    assert "| rim |" in done.stdout

@@ -47,9 +47,9 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
     example = tokenize_example(task, tokenizer, task.load(cfg.data.train_split)[args.index])
     for stage in cfg.stages:
-        print(f"== stage {stage.name} ({stage.kind}) ==")
-        print(describe_layout(method.train_layout(example, stage), tokenizer,
-                              sees_question=cfg.method.readout_sees_question))
+        print(f"== stage {stage.name} ({stage.kind}), loss weights at stage progress {args.progress} ==")
+        print(describe_layout(method.train_layout(example, stage), tokenizer, stage,
+                              cfg.method.readout_sees_question, args.progress))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.add_argument("--index", type=int, default=0, help="which training example (default: 0)")
+    p.add_argument("--progress", type=float, default=0.0, help="stage progress in [0, 1] for the λ weights")
     p.set_defaults(func=cmd_show_layout)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rim`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may also follow options (`rim train c.yaml --flag x a.b=1`); anything else is an error
+    bad = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from rim.config import ConfigError
     from rim.data.tasks import DataError
 

@@ -54,13 +54,12 @@ def make_accelerator(cfg: Config):
     return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
 
 
-def describe_layout(layout: Layout, tokenizer, weights: list[float] | None = None, sees_question: bool = True) -> str:
-    """``format_layout`` with token strings from the tokenizer (weights default to 1 per readout)."""
+def describe_layout(layout: Layout, tokenizer, stage: StageConfig, sees_question: bool = True,
+                    progress: float = 0.0) -> str:
+    """``format_layout`` with token strings from the tokenizer and the stage's loss weights at ``progress``."""
     tokens = tokenizer.convert_ids_to_tokens(layout.input_ids)
     labels = [tokenizer.convert_ids_to_tokens(t) if t != IGNORE else "" for t in layout.labels]
-    if weights is None:
-        batch = collate([layout], pad_id=0)
-        weights = token_weights(batch["label_readout"], torch.ones(1, len(layout.readouts)))[0].tolist()
+    weights = stage_weights(collate([layout], pad_id=0), stage, progress)[0].tolist()
     return format_layout(layout, tokens, labels, weights, sees_question)
 
 
@@ -191,9 +190,9 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
               device=str(accelerator.device), precision=accelerator.mixed_precision)
     optimizer, step, views = None, 0, []
     for stage in cfg.stages:
-        views.append(f"== stage {stage.name} ({stage.kind}) ==\n"
-                     + describe_layout(method.train_layout(data[0], stage), tokenizer,
-                                       sees_question=cfg.method.readout_sees_question))
+        views.append(f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
+                     + describe_layout(method.train_layout(data[0], stage), tokenizer, stage,
+                                       cfg.method.readout_sees_question))
         if accelerator.is_main_process:
             (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
         optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step)
