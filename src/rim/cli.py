@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -55,6 +56,7 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory (RiM): latent reasoning with "
                                      "memory blocks for Hugging Face causal LMs.")
+    parser.add_argument("--data-dir", default=None, help="folder of the benchmark data files (sets RIM_DATA_DIR)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train No-CoT, CoT and RiM on a synthetic task with a tiny model and compare")
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.data_dir:
+        os.environ["RIM_DATA_DIR"] = args.data_dir
     from rim.config import ConfigError
     from rim.data.tasks import DataError
 

@@ -8,6 +8,8 @@ Built in:
 
   The answer depends on every digit at once (a parity-like function that a small model does not learn in one
   pass), while each step is one small addition: the kind of problem that step-by-step text solves.
+- the paper's benchmarks from their files (``rim.data.benchmarks``): gsm8k, gsm-hard, svamp, multiarith,
+  prosqa, prontoqa;
 - ``jsonl``: your own data, one JSON object per line with ``question`` (str), ``steps`` (list of str) and
   ``answer`` (str); malformed lines fail with the file, line and reason.
 """
@@ -172,7 +174,9 @@ class JsonlTask(Task):
 
 def make_task(name: str, options: dict) -> Task:
     """Build a task by name from its options (``data.options`` in the config)."""
-    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask}
+    from rim.data.benchmarks import BENCHMARKS
+
+    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, **BENCHMARKS}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
     try:

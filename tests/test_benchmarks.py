@@ -1,0 +1,72 @@
+"""The paper's benchmark files (../shared/data): counts, GSM8K steps, numeric correctness, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rim.data.benchmarks import GSM8K, SVAMP, data_file, gsm8k_steps, parse_icot_line, parse_number
+from rim.data.tasks import DataError, make_task
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+COUNTS = {
+    ("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("gsm8k", "valid"): 500, ("gsm8k", "train_no_valid"): 6973,
+    ("gsm-hard", "test"): 1319, ("svamp", "test"): 1000, ("multiarith", "test"): 600,
+    ("prosqa", "valid"): 300, ("prosqa", "test"): 500, ("prontoqa", "valid"): 200, ("prontoqa", "test"): 800,
+}
+
+
+@pytest.mark.parametrize("name,split", sorted(COUNTS))
+def test_every_benchmark_split_loads_with_its_published_size(name, split):
+    exs = make_task(name, {"data_dir": str(DATA)}).load(split)
+    assert len(exs) == COUNTS[name, split]
+    assert all(ex.question and ex.answer for ex in exs)
+
+
+def test_gsm8k_steps_are_the_calculator_annotations():
+    first = GSM8K(str(DATA)).load("train")[0]
+    assert first.steps == ("<<48/2=24>>", "<<48+24=72>>") and first.answer == "72"
+    assert gsm8k_steps("a <<1+2=3>>3 b <<3*4=12>>12\n#### 12 <<9=9>>") == ("<<1+2=3>>", "<<3*4=12>>")
+    valid = GSM8K(str(DATA)).load("valid")[0]  # iCoT text format, same step format
+    assert valid.steps == ("<<4-2=2>>", "<<2/.5=4>>", "<<12/4=3>>", "<<100*3=300>>") and valid.answer == "300"
+
+
+def test_valid_split_is_held_out_of_train_no_valid():
+    task = GSM8K(str(DATA))
+    valid = {ex.question for ex in task.load("valid")}
+    assert not valid & {ex.question for ex in task.load("train_no_valid")}
+    assert len(valid & {ex.question for ex in task.load("train")}) == 500  # valid comes from GSM8K train
+
+
+def test_numbers_compare_as_numbers():
+    task = SVAMP(str(DATA))
+    assert task.is_correct(" 1,000", "1000") and task.is_correct("$18.00", "18") and task.is_correct("-3", "-3.0")
+    assert not task.is_correct("", "3") and not task.is_correct("17", "18")
+    assert parse_number("x 2.5e3 y") == 2500.0
+    assert task.extract_answer(" <<2*3=6>> #### 6", cot=True) == "6"
+
+
+def test_missing_data_names_the_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("RIM_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="set data.options.data_dir or RIM_DATA_DIR"):
+        data_file(None, "gsm8k/train.jsonl")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "gsm8k" / "test.jsonl")):
+        GSM8K(str(tmp_path)).load("test")
+    monkeypatch.setenv("RIM_DATA_DIR", str(DATA))
+    assert len(GSM8K().load("valid")) == 500
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    good = json.dumps({"question": "q", "answer": "x <<1+1=2>>2\n#### 2"})
+    (tmp_path / "gsm8k/test.jsonl").write_text(good + "\n" + json.dumps({"question": "q", "answer": "#### two"}) + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl, line 2: final answer 'two' is not a number"):
+        GSM8K(str(tmp_path)).load("test")
+    with pytest.raises(DataError, match="f.txt, line 3: expected 'question"):
+        parse_icot_line("no separator", "f.txt, line 3")
+    with pytest.raises(ValueError, match="train split must be generated"):
+        make_task("prosqa", {"data_dir": str(DATA)}).load("train")
