@@ -175,8 +175,9 @@ class JsonlTask(Task):
 def make_task(name: str, options: dict) -> Task:
     """Build a task by name from its options (``data.options`` in the config)."""
     from rim.data.benchmarks import BENCHMARKS
+    from rim.data.multiplication import Multiplication
 
-    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, **BENCHMARKS}
+    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, **BENCHMARKS}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
     try:
