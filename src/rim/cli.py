@@ -29,9 +29,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rim.eval.run import eval_run
+    from rim.eval.run import eval_protocol, eval_run
 
-    result = eval_run(args.run, split=args.split, blocks=args.blocks, max_eval=args.max_eval, device=args.device)
+    if args.protocol == "splits":
+        summary = eval_protocol(args.run, args.split, args.n_splits, args.select_size, device=args.device,
+                                max_eval=args.max_eval)
+        print(f"accuracy {100 * summary['mean']:.2f} +- {100 * summary['se']:.2f} (mean +- SE over "
+              f"{summary['n_splits']} splits; selection on {summary['select_size']}, scoring on "
+              f"{summary['score_size']}); checkpoints chosen: {sorted(set(summary['chosen_names']))}")
+        return
+    result = eval_run(args.run, split=args.split, blocks=args.blocks, max_eval=args.max_eval, device=args.device,
+                      checkpoint=args.checkpoint)
     print(json.dumps(result.metrics, indent=2))
 
 
@@ -76,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=None, help="K, memory blocks at inference (default: trained K)")
     p.add_argument("--max-eval", type=int, default=None, help="score only the first N problems")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--checkpoint", default="checkpoint",
+                   help="checkpoint (final, default), best (best on eval.select_split) or checkpoints/step-N")
+    p.add_argument("--protocol", choices=["single", "splits"], default="single",
+                   help="splits: the paper's protocol over every saved checkpoint (train.save_every): select on "
+                        "random subsets of the split, score on the rest, mean +- SE")
+    p.add_argument("--n-splits", type=int, default=16)
+    p.add_argument("--select-size", type=int, default=264)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")

@@ -93,6 +93,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or no / bf16 / fp16
     log_every: int = 10
     progress: bool = True
+    save_every: int | None = None  # also keep a checkpoint every N optimizer steps (checkpoints/step-N)
 
 
 @dataclass
@@ -103,6 +104,9 @@ class EvalConfig:
     blocks: int | None = None  # K at inference; None: method.blocks
     any_block: bool = True  # also decode after every block (RiM): any-block accuracy and per-block readouts
     latency_examples: int = 20  # problems timed one by one at batch 1 for TTFT and latency
+    select_split: str | None = None  # evaluate on this split during training and keep the best checkpoint (best/)
+    every: int | None = None  # ... every N optimizer steps (and at the end of each stage)
+    select_max: int | None = None  # use only the first N problems of the selection split
 
 
 @dataclass
@@ -245,6 +249,14 @@ def validate(cfg: Config) -> None:
             ((stage.kind == "sft") == (cfg.method.name != "rim"), f"{key}.kind",
              "sft for cot/nocot, grounding or refinement for rim"),
         ]
+    checks += [
+        (cfg.eval.select_split not in ("test", cfg.data.eval_split), "eval.select_split",
+         "a split other than the scored one (the test split is never used for selection)"),
+        (cfg.eval.every is None or cfg.eval.every >= 1, "eval.every", ">= 1"),
+        (cfg.eval.every is None or cfg.eval.select_split is not None, "eval.select_split",
+         "set when eval.every is set"),
+        (cfg.train.save_every is None or cfg.train.save_every >= 1, "train.save_every", ">= 1"),
+    ]
     for ok, key, want in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} must be {want}")

@@ -10,6 +10,7 @@ import torch
 from rim.config import Config, load_config
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import EvalResult, evaluate, write_predictions
+from rim.eval.protocol import split_protocol
 from rim.methods.base import Method, make_method, tokenize_example
 from rim.models.adapter import add_memory_tokens, ensure_pad_token, memory_token_ids
 
@@ -21,12 +22,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, torch.nn.Module, object, Method, Task]:
-    """Config, trained model (eval mode), tokenizer, method and task of a run directory."""
+def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "checkpoint"
+             ) -> tuple[Config, torch.nn.Module, object, Method, Task]:
+    """Config, trained model (eval mode), tokenizer, method and task of a run directory.
+
+    ``checkpoint``: ``checkpoint`` (the final one), ``best`` (best on the selection split) or a path inside the
+    run directory such as ``checkpoints/step-400``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoint"
+    ckpt = run_dir / checkpoint
     if not (ckpt / "rim.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no finished checkpoint (rim.json missing); did `rim train` complete?")
     cfg = load_config(run_dir / "config.yaml")
@@ -50,18 +56,47 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, torch.n
 
 
 def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None = None, max_eval: int | None = None,
-             device: str = "auto", out_name: str = "eval") -> EvalResult:
+             device: str = "auto", out_name: str = "eval", checkpoint: str = "checkpoint") -> EvalResult:
     """Evaluate a run on a split; writes ``<out_name>/results.json`` and ``predictions.jsonl`` into the run dir."""
-    cfg, model, tokenizer, method, task = load_run(run_dir, device)
+    cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
     split = split or cfg.data.eval_split
     examples = task.load(split)[: max_eval or cfg.data.max_eval]
     tokenized = [tokenize_example(task, tokenizer, ex) for ex in examples]
     k = blocks or cfg.eval.blocks or cfg.method.blocks
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block,
                       cfg.eval.latency_examples)
-    result.metrics.update(split=split, device=str(next(model.parameters()).device))
+    result.metrics.update(split=split, checkpoint=checkpoint, device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
     write_predictions(result.records, out / "predictions.jsonl")
     return result
+
+
+def checkpoints_of(run_dir: str | Path) -> list[str]:
+    """The run's checkpoints in training order: ``checkpoints/step-N`` by N, then the final ``checkpoint``."""
+    run_dir = Path(run_dir)
+    steps = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    names = [str(p.relative_to(run_dir)) for p in steps if (p / "rim.json").is_file()]
+    return names + (["checkpoint"] if (run_dir / "checkpoint" / "rim.json").is_file() else [])
+
+
+def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int = 16, select_size: int = 264,
+                  seed: int = 0, device: str = "auto", max_eval: int | None = None) -> dict:
+    """The paper's protocol over every checkpoint of a run (``rim.eval.protocol.split_protocol``); writes
+    ``eval-protocol/results.json`` and each checkpoint's predictions."""
+    names = checkpoints_of(run_dir)
+    if not names:
+        raise FileNotFoundError(f"{run_dir}: no finished checkpoints")
+    correct, per_checkpoint = [], {}
+    for name in names:
+        out_name = "eval-protocol/" + name.replace("/", "_")
+        result = eval_run(run_dir, split, max_eval=max_eval, device=device, out_name=out_name, checkpoint=name)
+        correct.append([r["correct"] for r in result.records])
+        per_checkpoint[name] = result.metrics["final_block_accuracy"]
+    summary = split_protocol(correct, n_splits, select_size, seed)
+    summary.update(checkpoints=names, chosen_names=[names[c] for c in summary["chosen"]],
+                   accuracy_per_checkpoint=per_checkpoint, split=split)
+    path = Path(run_dir) / "eval-protocol" / "results.json"
+    path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ from rim.core.curriculum import readout_weights, token_weights, weighted_readout
 from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
+from rim.eval.evaluate import evaluate
 from rim.methods.base import Method, TokenizedExample, make_method, tokenize_example
 from rim.models.adapter import make_trainable, masked_forward, set_dropout
 from rim.models.load import build_model
@@ -103,7 +106,8 @@ def prepare_data(cfg: Config, task: Task, tokenizer) -> list[TokenizedExample]:
 
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
-              accelerator, optimizer, log: RunLog, first_step: int) -> tuple[torch.optim.Optimizer, int]:
+              accelerator, optimizer, log: RunLog, first_step: int, checkpointer: Checkpointer | None = None
+              ) -> tuple[torch.optim.Optimizer, int]:
     """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
     layouts = [method.train_layout(ex, stage) for ex in data]
     generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
@@ -144,23 +148,80 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                           lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
+            if checkpointer is not None:
+                checkpointer.on_step(model, first_step + step, stage_end=step == total)
             if step >= total:
                 break
     bar.close()
     return optimizer, first_step + total
 
 
-def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator) -> None:
-    """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, and ``rim.json``."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    accelerator.unwrap_model(model).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | None = None) -> None:
+    """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, and ``rim.json``.
+
+    Written into a temporary sibling folder that then replaces ``path``, so a crash never leaves a half-written
+    checkpoint under the final name. Call on the main process with the unwrapped model.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     meta = {"method": cfg.method.name, "memory_tokens": cfg.method.memory_tokens, "blocks": cfg.method.blocks,
-            "train_mode": cfg.model.train_mode, "base_model": cfg.model.name, "task": cfg.data.task}
-    (path / "rim.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            "train_mode": cfg.model.train_mode, "base_model": cfg.model.name, "task": cfg.data.task, **(extra or {})}
+    (tmp / "rim.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator, extra: dict | None = None) -> None:
+    """``write_checkpoint`` from the main process, after every process has arrived."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra)
+
+
+class Checkpointer:
+    """Checkpoints during training: every ``train.save_every`` steps into ``checkpoints/step-N`` and, with
+    ``eval.select_split``, an evaluation every ``eval.every`` steps (and at each stage end) that keeps the best
+    final-block accuracy in ``best/``. The scored split is never the selection split (the config checks it)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, task: Task, tokenizer, method: Method, accelerator, log: RunLog):
+        self.cfg, self.run_dir, self.task, self.tokenizer, self.method = cfg, run_dir, task, tokenizer, method
+        self.accelerator, self.log, self.best = accelerator, log, -1.0
+        self.examples = []
+        if cfg.eval.select_split:
+            exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
+            self.examples = [tokenize_example(task, tokenizer, ex) for ex in exs]
+
+    def on_step(self, model, step: int, stage_end: bool = False) -> None:
+        """Called after every optimizer step (``step`` counts over all stages)."""
+        every = self.cfg.train.save_every
+        if every and (step % every == 0 or stage_end):
+            save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{step}",
+                            self.accelerator, {"step": step})
+        every = self.cfg.eval.every
+        if self.examples and ((every and step % every == 0) or stage_end):
+            self.select(model, step)
+
+    def select(self, model, step: int) -> None:
+        """Score the selection split; keep the checkpoint if it is the best so far."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            inner = self.accelerator.unwrap_model(model)
+            k = self.cfg.eval.blocks or self.cfg.method.blocks
+            result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
+                              self.cfg.eval.batch_size, any_block=False, latency_examples=0)
+            accuracy = result.metrics["final_block_accuracy"]
+            improved = accuracy > self.best
+            self.log.write(event="select", step=step, split=self.cfg.eval.select_split, accuracy=accuracy,
+                           best=improved)
+            if improved:
+                self.best = accuracy
+                write_checkpoint(inner, self.tokenizer, self.cfg, self.run_dir / "best",
+                                 {"step": step, "select_split": self.cfg.eval.select_split,
+                                  "select_accuracy": accuracy})
+        model.train()
 
 
 def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
@@ -188,6 +249,7 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision)
+    checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log)
     optimizer, step, views = None, 0, []
     for stage in cfg.stages:
         views.append(f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
@@ -195,7 +257,8 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
                                        cfg.method.readout_sees_question))
         if accelerator.is_main_process:
             (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
-        optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step)
+        optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step,
+                                    checkpointer)
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
     log.write(event="done", steps=step)
     return run_dir

@@ -1,0 +1,73 @@
+"""Checkpoint selection: the paper's split protocol, periodic selection during training, the test-split guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from rim.config import ConfigError, load_config
+from rim.eval.protocol import split_protocol
+from test_cli import rim, write_config
+
+
+def test_split_protocol_scores_only_unselected_problems():
+    # checkpoint 0 is right on problems 0-4 only, checkpoint 1 on 5-9 only: whichever a split selects, its score
+    # on the other problems must equal that checkpoint's accuracy on the complement of the selection
+    correct = [[i < 5 for i in range(10)], [i >= 5 for i in range(10)]]
+    result = split_protocol(correct, n_splits=8, select_size=4, seed=3)
+    assert len(result["scores"]) == 8 and result["score_size"] == 6
+    for score, best, select in zip(result["scores"], result["chosen"], result["selections"]):
+        rest = [i for i in range(10) if i not in select]
+        assert len(select) == 4 and len(rest) == 6
+        assert score == sum(correct[best][i] for i in rest) / 6  # scored only on problems it was not chosen on
+        assert sum(correct[best][i] for i in select) == max(sum(c[i] for i in select) for c in correct)
+    assert len({tuple(s) for s in result["selections"]}) > 1  # the splits differ
+    assert math.isclose(result["mean"], statistics.mean(result["scores"]))
+    assert math.isclose(result["se"], statistics.stdev(result["scores"]) / math.sqrt(8))
+    assert split_protocol(correct, n_splits=8, select_size=4, seed=3) == result  # deterministic
+
+
+def test_split_protocol_selects_the_better_checkpoint_and_breaks_ties_early():
+    good, bad = [True] * 20, [False] * 20
+    assert split_protocol([bad, good], n_splits=5, select_size=5)["chosen"] == [1] * 5
+    assert split_protocol([good, good], n_splits=5, select_size=5)["chosen"] == [0] * 5
+    with pytest.raises(ValueError, match="select_size"):
+        split_protocol([good], select_size=20)
+    with pytest.raises(ValueError, match="same problems"):
+        split_protocol([good, good[:5]])
+
+
+def test_test_split_is_never_used_for_selection():
+    with pytest.raises(ConfigError, match="never used for selection"):
+        load_config(None, ["eval.select_split=test"])
+    with pytest.raises(ConfigError, match="eval.select_split"):
+        load_config(None, ["eval.every=10"])
+
+
+def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
+    cfg = write_config(tmp_path)
+    done = rim("train", str(cfg), "train.save_every=2", "eval.select_split=valid", "eval.every=2",
+               "eval.select_max=8", "stages.grounding.steps=4", "stages.refinement.steps=2")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    selects = [e for e in events if e["event"] == "select"]
+    assert [e["step"] for e in selects] == [2, 4, 6] and selects[0]["best"]
+    best = json.loads((run / "best/rim.json").read_text())
+    chosen = [e for e in selects if e["best"]][-1]
+    assert best["step"] == chosen["step"] and best["select_accuracy"] == chosen["accuracy"]
+    assert best["select_accuracy"] == max(e["accuracy"] for e in selects)
+
+    done = rim("eval", str(run), "--checkpoint", "best", "--max-eval", "4")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["checkpoint"] == "best"
+
+    done = rim("eval", str(run), "--protocol", "splits", "--n-splits", "4", "--select-size", "4")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "eval-protocol/results.json").read_text())
+    assert summary["checkpoints"] == ["checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6", "checkpoint"]
+    assert summary["score_size"] == 12 and len(summary["scores"]) == 4 and "+-" in done.stdout
