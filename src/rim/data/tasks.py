@@ -175,9 +175,11 @@ class JsonlTask(Task):
 def make_task(name: str, options: dict) -> Task:
     """Build a task by name from its options (``data.options`` in the config)."""
     from rim.data.benchmarks import BENCHMARKS
+    from rim.data.gsm8k_aug import GSM8KAug
     from rim.data.multiplication import Multiplication
 
-    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, **BENCHMARKS}
+    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, "gsm8k-aug": GSM8KAug,
+             **BENCHMARKS}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
     try:
