@@ -68,8 +68,16 @@ def test_malformed_lines_name_file_and_line(tmp_path):
         GSM8K(str(tmp_path)).load("test")
     with pytest.raises(DataError, match="f.txt, line 3: expected 'question"):
         parse_icot_line("no separator", "f.txt, line 3")
-    with pytest.raises(ValueError, match="train split must be generated"):
-        make_task("prosqa", {"data_dir": str(DATA)}).load("train")
+    with pytest.raises(ValueError, match="prosqa has splits train"):
+        make_task("prosqa", {"data_dir": str(DATA)}).load("training")
+
+
+@pytest.mark.parametrize("name", ["prosqa", "prontoqa"])
+def test_logic_train_split_is_generated_without_shipped_questions(name):
+    task = make_task(name, {"data_dir": str(DATA), "n_train": 50, "seed": 1})
+    train = task.load("train")
+    assert 45 <= len(train) <= 50 and all(ex.steps for ex in train)
+    assert not {ex.question for ex in train} & {ex.question for s in ("valid", "test") for ex in task.load(s)}
 
 
 @pytest.mark.parametrize("method", ["rim", "cot"])

@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"{summary['score_size']}); checkpoints chosen: {sorted(set(summary['chosen_names']))}")
         return
     result = eval_run(args.run, split=args.split, blocks=args.blocks, max_eval=args.max_eval, device=args.device,
-                      checkpoint=args.checkpoint)
+                      checkpoint=args.checkpoint, task_name=args.task)
     print(json.dumps(result.metrics, indent=2))
 
 
@@ -54,7 +54,8 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     task = make_task(cfg.data.task, cfg.data.options)
     _, tokenizer, memory = build_model(cfg.model, task)
     method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
-    example = tokenize_example(task, tokenizer, task.load(cfg.data.train_split)[args.index])
+    example = tokenize_example(task, tokenizer, task.load(cfg.data.train_split)[args.index],
+                               cfg.data.prompt_format)
     for stage in cfg.stages:
         print(f"== stage {stage.name} ({stage.kind}), loss weights at stage progress {args.progress} ==")
         print(describe_layout(method.train_layout(example, stage), tokenizer, stage,
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=None, help="K, memory blocks at inference (default: trained K)")
     p.add_argument("--max-eval", type=int, default=None, help="score only the first N problems")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--task", default=None, help="score another task (out of distribution), e.g. gsm-hard, svamp")
     p.add_argument("--checkpoint", default="checkpoint",
                    help="checkpoint (final, default), best (best on eval.select_split) or checkpoints/step-N")
     p.add_argument("--protocol", choices=["single", "splits"], default="single",

@@ -50,6 +50,7 @@ class DataConfig:
     eval_split: str = "test"
     max_train: int | None = None  # use only the first N training examples
     max_eval: int | None = None
+    prompt_format: str = "plain"  # plain: the question text; chat: the tokenizer's chat template, one user turn
 
 
 @dataclass
@@ -227,6 +228,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.method.name in ("rim", "cot", "nocot"), "method.name", "one of rim, cot, nocot"),
         (cfg.method.memory_tokens >= 1, "method.memory_tokens", ">= 1"),
+        (cfg.data.prompt_format in ("plain", "chat"), "data.prompt_format", "plain or chat"),
         (cfg.method.blocks >= 1, "method.blocks", ">= 1"),
         (cfg.model.train_mode in ("auto", "lora", "full"), "model.train_mode", "auto, lora or full"),
         (cfg.model.lora_rank >= 1, "model.lora_rank", ">= 1"),

@@ -56,16 +56,25 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
 
 
 def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None = None, max_eval: int | None = None,
-             device: str = "auto", out_name: str = "eval", checkpoint: str = "checkpoint") -> EvalResult:
-    """Evaluate a run on a split; writes ``<out_name>/results.json`` and ``predictions.jsonl`` into the run dir."""
+             device: str = "auto", out_name: str | None = None, checkpoint: str = "checkpoint",
+             task_name: str | None = None) -> EvalResult:
+    """Evaluate a run on a split; writes ``<out_name>/results.json`` and ``predictions.jsonl`` into the run dir.
+
+    ``task_name`` scores another task than the trained one (out-of-distribution, e.g. ``gsm-hard``), read from
+    the same data directory; its results go to ``eval-<task>/`` unless ``out_name`` says otherwise.
+    """
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
+    if task_name is not None:
+        task = make_task(task_name, {k: v for k, v in cfg.data.options.items() if k == "data_dir"})
+    out_name = out_name or ("eval" if task_name is None else f"eval-{task_name}")
     split = split or cfg.data.eval_split
     examples = task.load(split)[: max_eval or cfg.data.max_eval]
-    tokenized = [tokenize_example(task, tokenizer, ex) for ex in examples]
+    tokenized = [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
     k = blocks or cfg.eval.blocks or cfg.method.blocks
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block,
                       cfg.eval.latency_examples)
-    result.metrics.update(split=split, checkpoint=checkpoint, device=str(next(model.parameters()).device))
+    result.metrics.update(task=task.name, split=split, checkpoint=checkpoint,
+                          device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")

@@ -24,14 +24,28 @@ class TokenizedExample:
     cot: list[int]
 
 
-def tokenize_example(task: Task, tokenizer, ex: Example) -> TokenizedExample:
-    """Tokenize question (with the tokenizer's own special tokens, e.g. BOS), steps, answer and CoT text."""
+def question_ids(tokenizer, question: str, prompt_format: str = "plain") -> list[int]:
+    """Token ids of the question: ``plain`` with the tokenizer's own special tokens (e.g. BOS), or ``chat`` as one
+    user turn of the tokenizer's chat template followed by the assistant prompt (the blocks and answer follow)."""
+    if prompt_format == "plain":
+        return tokenizer(question)["input_ids"]
+    if prompt_format != "chat":
+        raise ValueError(f"unknown prompt format {prompt_format!r}; choose plain or chat")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.prompt_format=chat but the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_example(task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:
+    """Tokenize question (see ``question_ids``), steps, answer and CoT text."""
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     return TokenizedExample(
         example=ex,
-        question=tokenizer(ex.question)["input_ids"],
+        question=question_ids(tokenizer, ex.question, prompt_format),
         steps=[ids(task.step_text(s)) for s in ex.steps],
         answer=ids(task.answer_text(ex.answer)),
         cot=ids(task.cot_text(ex)),

@@ -102,7 +102,7 @@ def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
 def prepare_data(cfg: Config, task: Task, tokenizer) -> list[TokenizedExample]:
     """The tokenized training examples."""
     examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
-    return [tokenize_example(task, tokenizer, ex) for ex in examples]
+    return [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
 
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
@@ -192,7 +192,7 @@ class Checkpointer:
         self.examples = []
         if cfg.eval.select_split:
             exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
-            self.examples = [tokenize_example(task, tokenizer, ex) for ex in exs]
+            self.examples = [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in exs]
 
     def on_step(self, model, step: int, stage_end: bool = False) -> None:
         """Called after every optimizer step (``step`` counts over all stages)."""
