@@ -100,3 +100,6 @@ def test_a_benchmark_task_trains_and_evaluates(tmp_path, method):
     assert metrics["n"] == 4 and metrics["split"] == "valid"
     layout = (tmp_path / "run/layout.txt").read_text()
     assert "readout 4" in layout if method == "rim" else "####" in layout
+    ood = eval_run(tmp_path / "run", split="test", max_eval=3, task_name="multiarith").metrics  # out of distribution
+    assert ood["task"] == "multiarith" and ood["n"] == 3
+    assert (tmp_path / "run/eval-multiarith/results.json").is_file()

@@ -162,3 +162,16 @@ def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
         emb_after = peft_model.get_input_embeddings()(torch.arange(emb_before.shape[0]))
     changed = (emb_after != emb_before).any(dim=1).nonzero().flatten().tolist()
     assert changed == mem.all
+
+
+def test_chat_prompt_format(tokenizer) -> None:
+    from rim.methods.base import question_ids
+    from rim.models.tiny import word_tokenizer
+
+    plain = question_ids(tokenizer, "What is 2+3?")
+    chat = question_ids(tokenizer, "What is 2+3?", "chat")
+    text = tokenizer.decode(chat)
+    assert text.count("What is 2+3?") == 1 and "<|im_start|>user" in text
+    assert text.rstrip().endswith("<|im_start|>assistant") and len(chat) > len(plain)
+    with pytest.raises(ValueError, match="no chat template"):
+        question_ids(word_tokenizer(["a"]), "a", "chat")
