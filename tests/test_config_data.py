@@ -24,10 +24,15 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.stages and cfg.method.name in ("rim", "cot", "nocot")
+    task = make_task(cfg.data.task, cfg.data.options)  # the task accepts the config's options (no data is read)
+    assert task.name == cfg.data.task
 
 
 def test_shipped_configs_exist():
-    assert len(SHIPPED) >= 3
+    names = {p.relative_to(ROOT).as_posix() for p in SHIPPED}
+    assert {f"configs/paper/gsm8k-aug_{m}_{x}.yaml" for m in ("gpt2", "llama-3.2-1b", "llama-3.2-3b")
+            for x in ("rim", "cot", "nocot")} <= names
+    assert {f"configs/smollm2/{t}_rim.yaml" for t in ("gsm8k", "prosqa", "prontoqa", "mult4x4", "mult5x5")} <= names
 
 
 def test_unknown_keys_are_named(tmp_path):
