@@ -46,6 +46,8 @@ def test_numbers_compare_as_numbers():
     task = SVAMP(str(DATA))
     assert task.is_correct(" 1,000", "1000") and task.is_correct("$18.00", "18") and task.is_correct("-3", "-3.0")
     assert not task.is_correct("", "3") and not task.is_correct("17", "18")
+    assert not task.is_correct("1000001", "1000000") and not task.is_correct("108224700", "108224794.2")
+    assert task.is_correct("108224794.2", "108224794.2") and task.is_correct("0.33333", "0.33333")
     assert parse_number("x 2.5e3 y") == 2500.0
     assert task.extract_answer(" <<2*3=6>> #### 6", cot=True) == "6"
 

@@ -76,7 +76,7 @@ def test_cli_errors_name_the_key(tmp_path):
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint/rim.json").write_text("{}")
     done = rim("train", str(write_config(tmp_path)))
-    assert done.returncode == 2 and "already holds a finished run" in done.stderr
+    assert done.returncode == 2 and "already holds a run (checkpoint)" in done.stderr
     done = rim("eval", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "no finished checkpoint" in done.stderr
 

@@ -71,3 +71,17 @@ def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     summary = json.loads((run / "eval-protocol/results.json").read_text())
     assert summary["checkpoints"] == ["checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6", "checkpoint"]
     assert summary["score_size"] == 12 and len(summary["scores"]) == 4 and "+-" in done.stdout
+    assert summary["split"] == "test"
+    (run / "checkpoints/step-8.tmp").mkdir()  # an interrupted save is not a checkpoint
+    done = rim("eval", str(run), "--protocol", "splits", "--n-splits", "2", "--select-size", "4", "--max-eval", "8")
+    assert done.returncode == 0, done.stderr
+    done = rim("eval", str(run), "--protocol", "splits", "--checkpoint", "best")
+    assert done.returncode == 2 and "takes no --checkpoint" in done.stderr
+
+    # a rerun refuses the folder; with overwrite=true nothing of the earlier run survives
+    done = rim("train", str(cfg), "stages.grounding.steps=1", "stages.refinement.steps=1")
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    done = rim("train", str(cfg), "stages.grounding.steps=1", "stages.refinement.steps=1", "overwrite=true")
+    assert done.returncode == 0, done.stderr
+    assert not (run / "checkpoints").exists() and not (run / "best").exists()
+    assert not list(run.glob("eval*"))

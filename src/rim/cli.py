@@ -29,11 +29,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from rim.config import ConfigError
     from rim.eval.run import eval_protocol, eval_run
 
     if args.protocol == "splits":
+        if args.checkpoint != "checkpoint":
+            raise ConfigError("--protocol splits scores every saved checkpoint; it takes no --checkpoint")
         summary = eval_protocol(args.run, args.split, args.n_splits, args.select_size, device=args.device,
-                                max_eval=args.max_eval)
+                                max_eval=args.max_eval, blocks=args.blocks, task_name=args.task)
         print(f"accuracy {100 * summary['mean']:.2f} +- {100 * summary['se']:.2f} (mean +- SE over "
               f"{summary['n_splits']} splits; selection on {summary['select_size']}, scoring on "
               f"{summary['score_size']}); checkpoints chosen: {sorted(set(summary['chosen_names']))}")

@@ -258,6 +258,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.every is None or cfg.eval.select_split is not None, "eval.select_split",
          "set when eval.every is set"),
         (cfg.train.save_every is None or cfg.train.save_every >= 1, "train.save_every", ">= 1"),
+        (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),
     ]
     for ok, key, want in checks:
         if not ok:

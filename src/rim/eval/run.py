@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -57,22 +58,25 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
 
 def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None = None, max_eval: int | None = None,
              device: str = "auto", out_name: str | None = None, checkpoint: str = "checkpoint",
-             task_name: str | None = None) -> EvalResult:
+             task_name: str | None = None, full: bool = True) -> EvalResult:
     """Evaluate a run on a split; writes ``<out_name>/results.json`` and ``predictions.jsonl`` into the run dir.
 
     ``task_name`` scores another task than the trained one (out-of-distribution, e.g. ``gsm-hard``), read from
-    the same data directory; its results go to ``eval-<task>/`` unless ``out_name`` says otherwise.
+    the same data directory. Results go to ``eval[-<task>][-<checkpoint>]/`` unless ``out_name`` says otherwise.
+    ``full=False`` skips the per-block decodes and the latency timing (final-block accuracy only).
     """
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
     if task_name is not None:
         task = make_task(task_name, {k: v for k, v in cfg.data.options.items() if k == "data_dir"})
-    out_name = out_name or ("eval" if task_name is None else f"eval-{task_name}")
+    if out_name is None:
+        out_name = "eval" + (f"-{task_name}" if task_name else "")
+        out_name += "" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_")
     split = split or cfg.data.eval_split
     examples = task.load(split)[: max_eval or cfg.data.max_eval]
     tokenized = [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
     k = blocks or cfg.eval.blocks or cfg.method.blocks
-    result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block,
-                      cfg.eval.latency_examples)
+    result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
+                      cfg.eval.latency_examples if full else 0)
     result.metrics.update(task=task.name, split=split, checkpoint=checkpoint,
                           device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
@@ -85,27 +89,31 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
 def checkpoints_of(run_dir: str | Path) -> list[str]:
     """The run's checkpoints in training order: ``checkpoints/step-N`` by N, then the final ``checkpoint``."""
     run_dir = Path(run_dir)
-    steps = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
-    names = [str(p.relative_to(run_dir)) for p in steps if (p / "rim.json").is_file()]
+    steps = [p for p in run_dir.glob("checkpoints/step-*")  # not step-N.tmp, left by an interrupted save
+             if re.fullmatch(r"step-\d+", p.name) and (p / "rim.json").is_file()]
+    names = [str(p.relative_to(run_dir)) for p in sorted(steps, key=lambda p: int(p.name[5:]))]
     return names + (["checkpoint"] if (run_dir / "checkpoint" / "rim.json").is_file() else [])
 
 
 def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int = 16, select_size: int = 264,
-                  seed: int = 0, device: str = "auto", max_eval: int | None = None) -> dict:
+                  seed: int = 0, device: str = "auto", max_eval: int | None = None, blocks: int | None = None,
+                  task_name: str | None = None) -> dict:
     """The paper's protocol over every checkpoint of a run (``rim.eval.protocol.split_protocol``); writes
     ``eval-protocol/results.json`` and each checkpoint's predictions."""
     names = checkpoints_of(run_dir)
+    out_dir = "eval-protocol" + (f"-{task_name}" if task_name else "")
     if not names:
         raise FileNotFoundError(f"{run_dir}: no finished checkpoints")
     correct, per_checkpoint = [], {}
     for name in names:
-        out_name = "eval-protocol/" + name.replace("/", "_")
-        result = eval_run(run_dir, split, max_eval=max_eval, device=device, out_name=out_name, checkpoint=name)
+        out_name = f"{out_dir}/{name.replace('/', '_')}"
+        result = eval_run(run_dir, split, blocks, max_eval, device, out_name, name, task_name, full=False)
+        split = result.metrics["split"]
         correct.append([r["correct"] for r in result.records])
         per_checkpoint[name] = result.metrics["final_block_accuracy"]
     summary = split_protocol(correct, n_splits, select_size, seed)
     summary.update(checkpoints=names, chosen_names=[names[c] for c in summary["chosen"]],
-                   accuracy_per_checkpoint=per_checkpoint, split=split)
-    path = Path(run_dir) / "eval-protocol" / "results.json"
+                   accuracy_per_checkpoint=per_checkpoint, split=split, task=task_name)
+    path = Path(run_dir) / out_dir / "results.json"
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

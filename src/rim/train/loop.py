@@ -34,6 +34,10 @@ from rim.models.adapter import make_trainable, masked_forward, set_dropout
 from rim.models.load import build_model
 
 
+# what a run writes (besides config.yaml, layout.txt and eval*/ results) that a rerun must not mix with its own
+RUN_OUTPUTS = ("checkpoint", "checkpoints", "best", "metrics.jsonl")
+
+
 class RunLog:
     """Console + JSONL metrics; only the main process writes."""
 
@@ -229,15 +233,17 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir or cfg.output_dir)
-    if (run_dir / "checkpoint" / "rim.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir "
-                              "or set overwrite=true")
+    earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
+    if earlier and not cfg.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
+                              "another output_dir or set overwrite=true")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        for path in earlier:  # overwrite=true: nothing of the earlier run may mix with this one
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     log = RunLog(run_dir, accelerator.is_main_process)
     task = make_task(cfg.data.task, cfg.data.options)
     model, tokenizer, memory = build_model(cfg.model, task, cfg.train.seed)
