@@ -84,7 +84,7 @@ def test_logic_train_split_is_generated_without_shipped_questions(name):
 
 @pytest.mark.parametrize("method", ["rim", "cot"])
 def test_a_benchmark_task_trains_and_evaluates(tmp_path, method):
-    """Multiplication 4x4 (generated train, shipped valid) end to end with a tiny model: the harness is task-agnostic."""
+    """Multiplication 4x4 (generated train, shipped valid) end to end with a tiny model: task-agnostic harness."""
     from rim.config import load_config
     from rim.eval.run import eval_run
     from rim.train.loop import train

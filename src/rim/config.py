@@ -189,7 +189,8 @@ def _apply_override(data: dict, dotted: str, value: Any) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            matches = [j for j, s in enumerate(node) if str(j) == part or (isinstance(s, dict) and s.get("name") == part)]
+            matches = [j for j, s in enumerate(node)
+                       if str(j) == part or (isinstance(s, dict) and s.get("name") == part)]
             if not matches:
                 raise ConfigError(f"config key {dotted!r}: no stage {part!r}")
             part = matches[0]

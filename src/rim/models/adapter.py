@@ -63,7 +63,8 @@ def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] 
     already has the tokens (one saved by ``rim train``) is left as it is, so trained rows are never reset.
     """
     n_real = len(tokenizer)
-    added = tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    added = tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
+                                         replace_extra_special_tokens=False)
     ids = memory_token_ids(tokenizer, tokens)
     if added == 0:
         return ids

@@ -115,8 +115,9 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
     layouts = [method.train_layout(ex, stage) for ex in data]
     generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     loader = accelerator.prepare(DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True,
-                                            generator=generator, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)))
+                                            generator=generator, collate_fn=collate_fn))
     total = stage_length(stage, len(loader), cfg.train.grad_accum)
     if optimizer is None or stage.reset_optimizer:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
