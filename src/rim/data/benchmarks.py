@@ -150,11 +150,12 @@ class GSMHard(NumericTask):
     """GSM-Hard (PAL): GSM8K test questions with larger numbers; ``test`` only, no steps."""
 
     name = "gsm-hard"
+    test_file = "gsm_hard/gsmhardv2.jsonl"  # PAL's {"input", "target"} records
 
     def load(self, split: str) -> list[Example]:
         if split != "test":
-            raise ValueError(f"gsm-hard has only a test split, not {split!r}")
-        return read_lines(self.file("gsm_hard/gsmhardv2.jsonl"), self._parse)
+            raise ValueError(f"{self.name} has only a test split, not {split!r}")
+        return read_lines(self.file(self.test_file), self._parse)
 
     @staticmethod
     def _parse(line: str, where: str) -> Example:
@@ -162,18 +163,14 @@ class GSMHard(NumericTask):
             rec = json.loads(line)
             return Example(rec["input"].strip(), (), format_number(float(rec["target"])))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(f"{where}: not a GSM-Hard record ({err})") from None
+            raise DataError(f"{where}: not a PAL record with 'input' and 'target' ({err})") from None
 
 
 class MultiArith(GSMHard):
     """MultiArith (PAL's copy): ``test`` only, no steps."""
 
     name = "multiarith"
-
-    def load(self, split: str) -> list[Example]:
-        if split != "test":
-            raise ValueError(f"multiarith has only a test split, not {split!r}")
-        return read_lines(self.file("multiarith/mawpsmultiarith.jsonl"), self._parse)
+    test_file = "multiarith/mawpsmultiarith.jsonl"
 
 
 class SVAMP(NumericTask):
