@@ -151,18 +151,12 @@ def test_deterministic_per_seed(gen):
     assert len({ex.question for ex in gen(200, 1)}) == 200
 
 
-def test_prosqa_format(prosqa):
-    shipped, generated = prosqa
-    assert all(_prosqa_format(ex) for ex in shipped)
-    assert all(_prosqa_format(ex) for ex in generated)
-    ship_vocab = set(logic_stats(shipped)["vocabulary"])
-    assert set(logic_stats(generated)["vocabulary"]) <= ship_vocab
-
-
-def test_prontoqa_format(prontoqa):
-    shipped, generated = prontoqa
-    assert all(_pronto_format(ex) for ex in shipped)
-    assert all(_pronto_format(ex) for ex in generated)
+@pytest.mark.parametrize("task", ["prosqa", "prontoqa"])
+def test_format_and_vocabulary_match_the_shipped_files(task, request):
+    shipped, generated = request.getfixturevalue(task)
+    matches = _prosqa_format if task == "prosqa" else _pronto_format
+    assert all(matches(ex) for ex in shipped)
+    assert all(matches(ex) for ex in generated)
     ship_vocab = set(logic_stats(shipped)["vocabulary"])
     assert set(logic_stats(generated)["vocabulary"]) <= ship_vocab
 

@@ -204,17 +204,21 @@ def _make_prosqa(rng: random.Random) -> Example | None:
     return Example(question, steps, f"{name[root]} is a {name[target]}.")
 
 
-def generate_prosqa(n: int, seed: int) -> list[Example]:
-    """``n`` ProsQA problems (distinct questions), deterministic in ``seed``."""
-    rng = random.Random(f"prosqa-{seed}")
+def _distinct(make, rng: random.Random, n: int) -> list[Example]:
+    """Draw ``make(rng)`` until ``n`` problems with distinct questions (a draw may return None: rejected)."""
     out: list[Example] = []
     seen: set[str] = set()
     while len(out) < n:
-        ex = _make_prosqa(rng)
+        ex = make(rng)
         if ex is not None and ex.question not in seen:
             seen.add(ex.question)
             out.append(ex)
     return out
+
+
+def generate_prosqa(n: int, seed: int) -> list[Example]:
+    """``n`` ProsQA problems (distinct questions), deterministic in ``seed``."""
+    return _distinct(_make_prosqa, random.Random(f"prosqa-{seed}"), n)
 
 
 # ------------------------------------------------------------------ ProntoQA
@@ -277,15 +281,7 @@ def _make_prontoqa(rng: random.Random) -> Example:
 
 def generate_prontoqa(n: int, seed: int) -> list[Example]:
     """``n`` ProntoQA problems (distinct questions), deterministic in ``seed``."""
-    rng = random.Random(f"prontoqa-{seed}")
-    out: list[Example] = []
-    seen: set[str] = set()
-    while len(out) < n:
-        ex = _make_prontoqa(rng)
-        if ex.question not in seen:
-            seen.add(ex.question)
-            out.append(ex)
-    return out
+    return _distinct(_make_prontoqa, random.Random(f"prontoqa-{seed}"), n)
 
 
 # ------------------------------------------------------------------ statistics
