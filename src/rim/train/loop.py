@@ -257,7 +257,7 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision)
     checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log)
-    optimizer, step, views = None, 0, []
+    optimizer, step, views, start = None, 0, [], time.perf_counter()
     for stage in cfg.stages:
         views.append(f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
                      + describe_layout(method.train_layout(data[0], stage), tokenizer, stage,
@@ -267,5 +267,5 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
         optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step,
                                     checkpointer)
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
-    log.write(event="done", steps=step)
+    log.write(event="done", steps=step, train_s=time.perf_counter() - start)
     return run_dir
