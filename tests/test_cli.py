@@ -45,7 +45,8 @@ def test_train_eval_show_layout_through_cli(tmp_path):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_events = [e for e in events if e["event"] == "train"]
     assert [e["stage"] for e in train_events] == ["grounding"] * 3 + ["refinement"] * 2
-    assert all(e["loss"] > 0 for e in train_events) and events[-1] == {"event": "done", "steps": 5}
+    assert all(e["loss"] > 0 for e in train_events) and events[-1]["event"] == "done"
+    assert events[-1]["steps"] == 5 and events[-1]["train_s"] > 0
     assert "seed: 1" in (run / "config.yaml").read_text()
     assert "<b>" in (run / "layout.txt").read_text()
 

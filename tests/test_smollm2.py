@@ -133,11 +133,12 @@ def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
     from rim.core.batch import collate
     from rim.core.curriculum import weighted_readout_loss
     from rim.core.layout import READOUT, build_layout, refinement_readouts
-    from rim.models.adapter import make_trainable, masked_forward
+    from rim.models.adapter import MemoryTokenIds, make_trainable, masked_forward
     from rim.models.load import build_model
     from rim.train.loop import stage_weights
 
-    model, tok, mem = build_model(ModelConfig(name=str(model_dir)))  # includes the custom-mask probe
+    model, tok, ids = build_model(ModelConfig(name=str(model_dir)))  # includes the custom-mask probe
+    mem = MemoryTokenIds(*ids)
     assert tok.convert_ids_to_tokens(mem.all) == ["<b>", "<m>", "</b>"] and len(tok) == mem.end + 1
     question = tok("Tom has 3 apples and buys 4 more. How many?")["input_ids"]
     answer = tok(" 7", add_special_tokens=False)["input_ids"]

@@ -17,7 +17,10 @@ import sys
 def cmd_demo(args: argparse.Namespace) -> None:
     from rim.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, overrides=args.overrides)
+    from rim.demo import ALL_METHODS
+
+    methods = ALL_METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
+    run_demo(args.out, seed=args.seed, methods=methods, overrides=args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -49,20 +52,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_show_layout(args: argparse.Namespace) -> None:
     from rim.config import load_config
     from rim.data.tasks import make_task
-    from rim.methods.base import make_method, tokenize_example
+    from rim.methods.base import make_method, method_class
     from rim.models.load import build_model
     from rim.train.loop import describe_layout
 
     cfg = load_config(args.config, args.overrides)
     task = make_task(cfg.data.task, cfg.data.options)
-    _, tokenizer, memory = build_model(cfg.model, task)
-    method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
-    example = tokenize_example(task, tokenizer, task.load(cfg.data.train_split)[args.index],
-                               cfg.data.prompt_format)
+    _, tokenizer, _ = build_model(cfg.model, task, tokens=method_class(cfg.method.name).special_tokens)
+    method = make_method(cfg.method, tokenizer)
+    example = method.tokenize(task, tokenizer, task.load(cfg.data.train_split)[args.index], cfg.data.prompt_format)
     for stage in cfg.stages:
         print(f"== stage {stage.name} ({stage.kind}), loss weights at stage progress {args.progress} ==")
         print(describe_layout(method.train_layout(example, stage), tokenizer, stage,
                               cfg.method.readout_sees_question, args.progress))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from rim.compare import collect_runs, demo_spec_path, run_compare
+    from rim.config import ConfigError
+
+    if args.collect:
+        if args.spec or args.overrides or args.retrain:
+            raise ConfigError("--collect reports existing run directories; it takes no SPEC, overrides or --retrain")
+        collect_runs(args.collect, args.out)
+        return
+    spec, overrides = args.spec, args.overrides
+    if spec is not None and "=" in spec and not os.path.exists(spec):  # `rim compare a.b=1`: the demo spec
+        spec, overrides = None, [spec, *overrides]
+    run_compare(spec or demo_spec_path(), overrides, retrain=args.retrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train No-CoT, CoT and RiM on a synthetic task with a tiny model and compare")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="nocot,cot,rim",
+                   help="comma-separated methods (nocot, cot, rim, pause, icot, coconut) or 'all' "
+                        "(default: nocot,cot,rim)")
     p.add_argument("overrides", nargs="*", help="config overrides for every method, e.g. train.batch_size=32")
     p.set_defaults(func=cmd_demo)
 
@@ -97,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-splits", type=int, default=16)
     p.add_argument("--select-size", type=int, default=264)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train and score several methods on one model, data and budget; one table")
+    p.add_argument("spec", nargs="?", default=None,
+                   help="compare spec YAML (default: the packaged No-CoT / CoT / RiM demo comparison)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every method, e.g. train.batch_size=32")
+    p.add_argument("--retrain", action="store_true", help="train every run again, even finished ones")
+    p.add_argument("--collect", nargs="+", metavar="RUN_DIR", default=None,
+                   help="only report these scored run directories (row label: the folder name)")
+    p.add_argument("--out", default="runs/compare/collected", help="report folder for --collect")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")
     p.add_argument("config", help="YAML config file")

@@ -34,6 +34,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     attn_implementation: str = "sdpa"  # must honour custom 4-D masks: sdpa or eager
     trust_remote_code: bool = False
+    init_from: str | None = None  # start from a trained run's checkpoint (a run directory; e.g. CoT for Coconut)
     tiny_family: str = "llama"  # for name=tiny: llama or gpt2
     tiny_layers: int = 8
     tiny_hidden: int = 96
@@ -55,17 +56,24 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """The method and its layout: rim, cot or nocot."""
+    """The method and its settings: rim, cot, nocot, pause, coconut or icot (``rim.methods``)."""
 
     name: str = "rim"
     memory_tokens: int = 2  # M, memory tokens per block
     blocks: int = 8  # K, blocks at inference (and in refinement unless a stage sets its own)
     readout_sees_question: bool = True
+    pause_tokens: int | None = None  # pause: N <pause> tokens; None: K (M + 2), the tokens of RiM's K blocks
+    thoughts_per_step: int = 2  # coconut: c, continuous thoughts per replaced step
+    max_latent_steps: int = 3  # coconut: steps replaced at most; stages from here on drop all language steps
+    inference_latent_steps: int | None = None  # coconut: steps' worth of thoughts at inference; None: the maximum
+    remove_per_epoch: float = 8.0  # icot: Δ, reasoning tokens removed from the front per epoch
+    remove_smoothing: float | None = 4.0  # icot: λ of the removal offset P(o) ∝ exp(-λ o); None: off
 
 
 @dataclass
 class StageConfig:
-    """One curriculum stage. ``kind``: grounding (RiM stage 1), refinement (RiM stage 2) or sft (baselines)."""
+    """One curriculum stage. ``kind``: grounding (RiM stage 1), refinement (RiM stage 2), latent (Coconut stage
+    ``latent_steps``) or sft (the other methods)."""
 
     name: str = "sft"
     kind: str = "sft"
@@ -80,6 +88,7 @@ class StageConfig:
     block_weight: str = "linear"  # α schedule of answer readouts: linear, uniform or last
     blocks: int | None = None  # K for refinement; None: method.blocks
     reset_optimizer: bool = True  # fresh optimizer and LR schedule at the start of this stage
+    latent_steps: int | None = None  # latent stages: leading steps replaced by continuous thoughts
 
 
 @dataclass
@@ -226,9 +235,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
+    from rim.methods.base import METHODS, method_class
+
+    method_class("rim")  # registers the built-in methods
+    kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
     checks = [
-        (cfg.method.name in ("rim", "cot", "nocot"), "method.name", "one of rim, cot, nocot"),
+        (cfg.method.name in METHODS, "method.name", f"one of {', '.join(sorted(METHODS))}"),
         (cfg.method.memory_tokens >= 1, "method.memory_tokens", ">= 1"),
+        (cfg.method.pause_tokens is None or cfg.method.pause_tokens >= 1, "method.pause_tokens", ">= 1"),
+        (cfg.method.thoughts_per_step >= 1, "method.thoughts_per_step", ">= 1"),
+        (cfg.method.max_latent_steps >= 1, "method.max_latent_steps", ">= 1"),
+        (cfg.method.inference_latent_steps is None or cfg.method.inference_latent_steps >= 0,
+         "method.inference_latent_steps", ">= 0"),
+        (cfg.method.remove_per_epoch >= 0, "method.remove_per_epoch", ">= 0"),
+        (cfg.method.remove_smoothing is None or cfg.method.remove_smoothing > 0, "method.remove_smoothing", "> 0"),
         (cfg.data.prompt_format in ("plain", "chat"), "data.prompt_format", "plain or chat"),
         (cfg.method.blocks >= 1, "method.blocks", ">= 1"),
         (cfg.model.train_mode in ("auto", "lora", "full"), "model.train_mode", "auto, lora or full"),
@@ -242,15 +262,16 @@ def validate(cfg: Config) -> None:
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i}"
         checks += [
-            (stage.kind in ("grounding", "refinement", "sft"), f"{key}.kind", "grounding, refinement or sft"),
+            (stage.kind in ("grounding", "refinement", "latent", "sft"), f"{key}.kind",
+             "grounding, refinement, latent or sft"),
             ((stage.epochs is None) != (stage.steps is None), f"{key}.epochs/steps", "exactly one of the two set"),
             (stage.lr > 0, f"{key}.lr", "> 0"),
             (0 <= stage.warmup < 1, f"{key}.warmup", "in [0, 1)"),
             (0 <= stage.dropout < 1, f"{key}.dropout", "in [0, 1)"),
             (0 < stage.anneal_end <= 1, f"{key}.anneal_end", "in (0, 1]"),
             (stage.blocks is None or stage.blocks >= 1, f"{key}.blocks", ">= 1"),
-            ((stage.kind == "sft") == (cfg.method.name != "rim"), f"{key}.kind",
-             "sft for cot/nocot, grounding or refinement for rim"),
+            (not kinds or stage.kind in kinds, f"{key}.kind", f"one of {', '.join(kinds)} for {cfg.method.name}"),
+            (stage.latent_steps is None or stage.latent_steps >= 0, f"{key}.latent_steps", ">= 0"),
         ]
     checks += [
         (cfg.eval.select_split not in ("test", cfg.data.eval_split), "eval.select_split",

@@ -1,4 +1,5 @@
-"""``rim demo``: No-CoT, CoT and RiM trained from scratch on the built-in running-sum task, on the same budget.
+"""``rim demo``: No-CoT, CoT and RiM (``--methods all``: also pause tokens, iCoT-SI and Coconut) trained from
+scratch on the built-in running-sum task, on the same budget.
 
 Each method trains the same tiny Llama-shaped model (same data, seed and number of optimizer steps), is scored on
 held-out problems, and lands in one table and in ``results.json`` (a list with one object per method:
@@ -16,13 +17,17 @@ from rim.eval.run import eval_run
 from rim.train.loop import train
 
 DEMO_METHODS = ("nocot", "cot", "rim")
+ALL_METHODS = ("nocot", "cot", "pause", "icot", "coconut", "rim")
 RESULT_KEYS = ("method", "final_block_accuracy", "any_block_accuracy", "generated_tokens", "ttft_ms", "latency_ms",
                "n")
 
 
 def demo_config_path(method: str) -> Path:
     """The packaged config of one demo method."""
-    return Path(str(resources.files("rim") / "configs" / f"demo-{method}.yaml"))
+    path = Path(str(resources.files("rim") / "configs" / f"demo-{method}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo config for method {method!r}; demo methods: {', '.join(ALL_METHODS)}")
+    return path
 
 
 def format_table(rows: list[dict]) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 from torch import nn
 
 from rim.data.tasks import COT_SEPARATOR, Task
-from rim.infer.generate import greedy_generate
 from rim.methods.base import Method, TokenizedExample
 
 
@@ -29,10 +28,11 @@ class EvalResult:
     records: list[dict] = field(default_factory=list)
 
 
-def _decode_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+def _decode_all(model, tokenizer, method: Method, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+                ) -> list[list[int]]:
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
-        gen = greedy_generate(model, prompts[i:i + batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id,
+        gen = method.generate(model, prompts[i:i + batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id,
                               max_new_tokens)
         out += gen.tokens
     return out
@@ -55,17 +55,17 @@ def answer_start(tokenizer, tokens: list[int], cot: bool) -> int:
     return len(tokens)  # no separator: the answer, if any, comes last
 
 
-def measure_latency(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                    cot: bool = False) -> dict:
+def measure_latency(model: nn.Module, tokenizer, method: Method, prompts: list[list[int]], max_new_tokens: int
+                    ) -> dict:
     """Median time to the first answer token and to the full answer, batch 1, after one warm-up run."""
     if not prompts:
         return {"ttft_ms": None, "latency_ms": None}
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    greedy_generate(model, [prompts[0]], pad, eos, max_new_tokens)  # warm-up: allocator, kernels, caches
+    method.generate(model, [prompts[0]], pad, eos, max_new_tokens)  # warm-up: allocator, kernels, caches
     first, total = [], []
     for p in prompts:
-        gen = greedy_generate(model, [p], pad, eos, max_new_tokens)
-        start = min(answer_start(tokenizer, gen.tokens[0], cot), len(gen.step_s) - 1)
+        gen = method.generate(model, [p], pad, eos, max_new_tokens)
+        start = min(answer_start(tokenizer, gen.tokens[0], method.cot), len(gen.step_s) - 1)
         first.append(gen.step_s[start] * 1e3)
         total.append(gen.total_s * 1e3)
     return {"ttft_ms": statistics.median(first), "latency_ms": statistics.median(total)}
@@ -77,10 +77,11 @@ def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: 
     model.eval()
     budget = answer_budget(task, method, examples)
     final_prompts = [method.prompt(ex, blocks) for ex in examples]
-    final = _decode_all(model, tokenizer, final_prompts, budget, batch_size)
+    final = _decode_all(model, tokenizer, method, final_prompts, budget, batch_size)
     per_block: list[list[list[int]]] = []
     if method.any_block and any_block:
-        per_block = [_decode_all(model, tokenizer, [method.prompt(ex, k) for ex in examples], budget, batch_size)
+        per_block = [_decode_all(model, tokenizer, method, [method.prompt(ex, k) for ex in examples], budget,
+                                 batch_size)
                      for k in range(1, blocks + 1)]
     records, n_final, n_any, n_tokens = [], 0, 0, 0
     for i, ex in enumerate(examples):
@@ -106,7 +107,7 @@ def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: 
     }
     if per_block:
         metrics["block_accuracy"] = [sum(r["block_correct"][k] for r in records) / n for k in range(blocks)]
-    metrics.update(measure_latency(model, tokenizer, final_prompts[:latency_examples], budget, method.cot))
+    metrics.update(measure_latency(model, tokenizer, method, final_prompts[:latency_examples], budget))
     return EvalResult(metrics, records)
 
 

@@ -12,8 +12,8 @@ from rim.config import Config, load_config
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import EvalResult, evaluate, write_predictions
 from rim.eval.protocol import split_protocol
-from rim.methods.base import Method, make_method, tokenize_example
-from rim.models.adapter import add_memory_tokens, ensure_pad_token, memory_token_ids
+from rim.methods.base import Method, make_method, method_class
+from rim.models.adapter import add_tokens, ensure_pad_token
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -49,10 +49,9 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
         from rim.models.load import load_base
 
         base, base_tokenizer = load_base(cfg.model, task)
-        add_memory_tokens(base_tokenizer, base)  # same rows, same mean init as in training
+        add_tokens(base_tokenizer, base, method_class(cfg.method.name).special_tokens)  # as in training
         model = PeftModel.from_pretrained(base, ckpt)
-    memory = memory_token_ids(tokenizer)
-    method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
+    method = make_method(cfg.method, tokenizer)
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
 
 
@@ -73,7 +72,7 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
         out_name += "" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_")
     split = split or cfg.data.eval_split
     examples = task.load(split)[: max_eval or cfg.data.max_eval]
-    tokenized = [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
+    tokenized = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
     k = blocks or cfg.eval.blocks or cfg.method.blocks
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
                       cfg.eval.latency_examples if full else 0)

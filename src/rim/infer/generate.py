@@ -45,34 +45,47 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                    use_cache: bool = True) -> Generation:
-    """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch."""
+                    use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None) -> Generation:
+    """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch.
+
+    ``latents`` > 0 (continuous thoughts, e.g. Coconut): after the prompt, that many positions take the previous
+    position's last hidden state as their input embedding, then the ``after_latents`` tokens follow, and only then
+    does decoding start (the time to the first token includes the thoughts).
+    """
     device = next(model.parameters()).device
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
+    embed = model.get_input_embeddings() if latents else None
+    key = "inputs_embeds" if latents else "input_ids"
+    as_input = embed if latents else (lambda x: x)  # token ids -> what the model is fed
+    plan = ["latent"] * latents + (["after"] if latents and after_latents else [])
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    past, step_ids, step_s, cache_arg = None, ids, [], cache_argument(model)
-    for step in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if past is not None:
-            positions = positions[:, -1:]
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache,
-                    **{cache_arg: past})
-        next_token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
-        out_tokens[:, step] = next_token
-        done |= next_token == eos_id
-        finished = bool(done.all())  # one host sync per token: the price of stopping early
-        step_s.append(time.perf_counter() - start)
-        if finished:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    past, fed, pending, step_s, cache_arg = None, None, as_input(ids), [], cache_argument(model)
+    while len(step_s) < max_new_tokens:
+        inputs = pending if use_cache or fed is None else torch.cat([fed, pending], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
+        out = model(attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                    output_hidden_states=bool(plan) and plan[0] == "latent", **{key: inputs, cache_arg: past})
+        fed = inputs
         if use_cache:
-            past, step_ids = out[cache_arg], next_token[:, None]
+            past = out[cache_arg]
+        if plan:
+            if plan.pop(0) == "latent":
+                pending = out.hidden_states[-1][:, -1:].to(fed.dtype)
+            else:
+                pending = as_input(torch.tensor([after_latents] * batch, device=device))
         else:
-            ids = torch.cat([ids, next_token[:, None]], dim=1)
-            step_ids = ids
+            next_token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
+            out_tokens[:, len(step_s)] = next_token
+            done |= next_token == eos_id
+            finished = bool(done.all())  # one host sync per token: the price of stopping early
+            step_s.append(time.perf_counter() - start)
+            if finished:
+                break
+            pending = as_input(next_token[:, None])
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, pending.shape[1])], dim=1)
     _sync(device)
     total_s = time.perf_counter() - start
     tokens = []

@@ -1,27 +1,36 @@
-"""RiM, CoT and No-CoT as plug-ins: each says how an example is laid out for training and prompted at inference.
+"""The method plug-in interface, and the registry of methods.
 
-Everything else (data, model, loop, loss, decoding, metrics) is shared, so a comparison differs only in what the
-methods are meant to differ in. A new method is a subclass with ``train_layout`` and ``prompt``, added to METHODS.
+A method says how an example is tokenized and laid out for training, what the inference prompt is, and, only
+where it needs to, how a batch is padded, run forward and decoded. Everything else (data, model, loop, loss,
+metrics, checkpoints) is shared, so a comparison differs only in what the methods are meant to differ in. A new
+method is one small module with a ``Method`` subclass decorated with ``@register``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
+
+import torch
 
 from rim.config import MethodConfig, StageConfig
-from rim.core.layout import Layout, Readout, build_layout, grounding_readouts, inference_prompt, refinement_readouts
-from rim.data.tasks import Example, Task
+from rim.core.batch import collate
+from rim.core.layout import Layout
+from rim.data.tasks import COT_SEPARATOR, Example, Task
+from rim.infer.generate import Generation, greedy_generate
+from rim.models.adapter import masked_forward, token_ids
 
 
 @dataclass
 class TokenizedExample:
-    """Token ids of one example's parts, as each method needs them."""
+    """Token ids of one example's parts, as the methods need them; ``extra`` holds method-specific parts."""
 
     example: Example
     question: list[int]
     steps: list[list[int]]
     answer: list[int]
     cot: list[int]
+    extra: dict = field(default_factory=dict)
 
 
 def question_ids(tokenizer, question: str, prompt_format: str = "plain") -> list[int]:
@@ -38,82 +47,94 @@ def question_ids(tokenizer, question: str, prompt_format: str = "plain") -> list
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a piece of text inside a sequence (no BOS or other added tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_example(task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:
     """Tokenize question (see ``question_ids``), steps, answer and CoT text."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     return TokenizedExample(
         example=ex,
         question=question_ids(tokenizer, ex.question, prompt_format),
-        steps=[ids(task.step_text(s)) for s in ex.steps],
-        answer=ids(task.answer_text(ex.answer)),
-        cot=ids(task.cot_text(ex)),
+        steps=[text_ids(tokenizer, task.step_text(s)) for s in ex.steps],
+        answer=text_ids(tokenizer, task.answer_text(ex.answer)),
+        cot=text_ids(tokenizer, task.cot_text(ex)),
     )
 
 
+def split_cot(task: Task, tokenizer, ex: Example, steps: tuple[str, ...] | None = None) -> tuple[list[int], list[int]]:
+    """The task's CoT text (of ``steps``, default all) as token ids of the reasoning and of the tail (``#### a``)."""
+    text = task.cot_text(Example(ex.question, ex.steps if steps is None else steps, ex.answer))
+    cut = text.rfind(COT_SEPARATOR)
+    cut = len(text[:cut].rstrip()) if cut >= 0 else len(text)
+    return text_ids(tokenizer, text[:cut]) if text[:cut].strip() else [], text_ids(tokenizer, text[cut:])
+
+
 class Method:
-    """Base plug-in. ``cot``: the answer is extracted from generated reasoning; ``any_block``: one readout per
-    block exists at inference (any-block accuracy applies)."""
+    """Base plug-in.
+
+    ``cot``: the answer is extracted after generated reasoning (``####``); ``any_block``: one readout per memory
+    block exists at inference (any-block accuracy applies); ``special_tokens``: tokens added to the vocabulary
+    (rows trained with the LoRA); ``stage_kinds``: the curriculum stage kinds it trains with; ``dynamic``: the
+    layout changes during a stage (it is rebuilt for every batch from the stage position).
+    """
 
     name = "method"
     cot = False
     any_block = False
+    dynamic = False
+    special_tokens: tuple[str, ...] = ()
+    stage_kinds: tuple[str, ...] = ("sft",)
 
-    def __init__(self, cfg: MethodConfig, block: list[int], eos_id: int):
-        self.cfg, self.block, self.eos_id = cfg, block, eos_id
+    def __init__(self, cfg: MethodConfig, tokenizer):
+        self.cfg, self.eos_id = cfg, tokenizer.eos_token_id
+        self.token = dict(zip(self.special_tokens, token_ids(tokenizer, self.special_tokens)))
 
-    def train_layout(self, ex: TokenizedExample, stage: StageConfig) -> Layout:
+    def tokenize(self, task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:
+        return tokenize_example(task, tokenizer, ex, prompt_format)
+
+    def train_layout(self, ex: TokenizedExample, stage: StageConfig, epoch: float = 0.0,
+                     rng: random.Random | None = None) -> Layout:
+        """The example laid out for training in ``stage``; ``epoch`` (epochs into the stage) and ``rng`` matter
+        only to dynamic methods."""
         raise NotImplementedError
 
     def prompt(self, ex: TokenizedExample, blocks: int) -> list[int]:
         """Inference prompt; ``blocks`` (K) matters only to methods with memory blocks."""
         return list(ex.question)
 
+    def collate(self, layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(layouts, pad_id)
 
-class NoCoT(Method):
-    """Supervised fine-tuning on the answer right after the question."""
+    def forward(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training logits (B, L, V) of a collated batch: one pass under the layout's mask by default."""
+        return masked_forward(model, batch, self.cfg.readout_sees_question)
 
-    name = "nocot"
-
-    def train_layout(self, ex: TokenizedExample, stage: StageConfig) -> Layout:
-        return build_layout(ex.question, [[]], [Readout(ex.answer)], self.eos_id)
-
-
-class CoT(Method):
-    """Supervised fine-tuning on the steps as text, then ``####`` and the answer."""
-
-    name = "cot"
-    cot = True
-
-    def train_layout(self, ex: TokenizedExample, stage: StageConfig) -> Layout:
-        return build_layout(ex.question, [[]], [Readout(ex.cot)], self.eos_id)
+    def generate(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                 use_cache: bool = True) -> Generation:
+        """Greedy answers to a batch of prompts."""
+        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache)
 
 
-class RiM(Method):
-    """Reasoning in Memory: memory blocks after the question; grounding then refinement layouts."""
-
-    name = "rim"
-    any_block = True
-
-    def train_layout(self, ex: TokenizedExample, stage: StageConfig) -> Layout:
-        if stage.kind == "grounding":
-            readouts = grounding_readouts(ex.steps, ex.answer)
-        elif stage.kind == "refinement":
-            readouts = refinement_readouts(ex.answer, stage.blocks or self.cfg.blocks, len(ex.steps))
-        else:
-            raise ValueError(f"RiM has grounding and refinement stages, not {stage.kind!r}")
-        return build_layout(ex.question, [self.block] * len(readouts), readouts, self.eos_id)
-
-    def prompt(self, ex: TokenizedExample, blocks: int) -> list[int]:
-        return inference_prompt(ex.question, self.block, blocks)
+METHODS: dict[str, type[Method]] = {}
 
 
-METHODS: dict[str, type[Method]] = {"rim": RiM, "cot": CoT, "nocot": NoCoT}
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to configs as ``method.name: <cls.name>``."""
+    METHODS[cls.name] = cls
+    return cls
 
 
-def make_method(cfg: MethodConfig, block: list[int], eos_id: int) -> Method:
-    """The method plug-in named by ``cfg.name``."""
-    if cfg.name not in METHODS:
-        raise ValueError(f"unknown method {cfg.name!r}; choose from {sorted(METHODS)}")
-    return METHODS[cfg.name](cfg, block, eos_id)
+def method_class(name: str) -> type[Method]:
+    """The registered method called ``name``."""
+    import rim.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def make_method(cfg: MethodConfig, tokenizer) -> Method:
+    """The method plug-in named by ``cfg.name``, with its special tokens looked up in ``tokenizer``."""
+    return method_class(cfg.name)(cfg, tokenizer)

@@ -1,6 +1,6 @@
 """One thin adapter that makes any Hugging Face causal LM a RiM model, through generic HF APIs only.
 
-- ``add_memory_tokens``: the three special tokens ``<b> <m> </b>``, new embedding rows set to the mean row;
+- ``add_tokens``: a method's special tokens (RiM: ``<b> <m> </b>``), new embedding rows set to the mean row;
 - ``check_custom_mask_support``: a probe that refuses attention backends which ignore custom 4-D masks;
 - ``make_trainable``: LoRA (peft) plus only the new embedding rows, or every weight;
 - ``masked_forward``: one forward pass under the RiM mask with RiM position ids.
@@ -41,10 +41,7 @@ class MemoryTokenIds:
 
 def memory_token_ids(tokenizer, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
     """Look up the memory tokens of a tokenizer that already has them (e.g. one saved in a run directory)."""
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"tokenizer lacks the memory tokens {tokens}; was it saved by `rim train`?")
-    return MemoryTokenIds(*ids)
+    return MemoryTokenIds(*token_ids(tokenizer, tokens))
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -55,20 +52,23 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
-    """Add ``<b> <m> </b>`` as special tokens and grow the embeddings; new rows start at the mean embedding.
+def add_tokens(tokenizer, model: nn.Module, tokens: tuple[str, ...]) -> list[int]:
+    """Add ``tokens`` as special tokens and grow the embeddings; new rows start at the mean embedding.
 
     Starting from the mean of the real token rows (not at random, and not from whatever spare rows a padded
     vocabulary holds) keeps the new tokens in the distribution the pretrained layers expect. A tokenizer that
     already has the tokens (one saved by ``rim train``) is left as it is, so trained rows are never reset.
+    Returns the tokens' ids.
     """
+    if not tokens:
+        return []
     n_real = len(tokenizer)
     added = tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
                                          replace_extra_special_tokens=False)
-    ids = memory_token_ids(tokenizer, tokens)
+    ids = token_ids(tokenizer, tokens)
     if added == 0:
         return ids
-    if max(ids.all) >= model.get_input_embeddings().weight.shape[0]:
+    if max(ids) >= model.get_input_embeddings().weight.shape[0]:
         try:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         except (NotImplementedError, AttributeError) as err:
@@ -76,8 +76,21 @@ def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] 
     with torch.no_grad():
         for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
             if emb is not None:
-                emb.weight[ids.all] = emb.weight[:n_real].mean(dim=0)
+                emb.weight[ids] = emb.weight[:n_real].mean(dim=0)
     return ids
+
+
+def token_ids(tokenizer, tokens: tuple[str, ...]) -> list[int]:
+    """Ids of special tokens a tokenizer already has (e.g. one saved in a run directory); an error otherwise."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"tokenizer lacks the special tokens {tokens}; was it saved by `rim train`?")
+    return ids
+
+
+def add_memory_tokens(tokenizer, model: nn.Module, tokens: tuple[str, str, str] = MEMORY_TOKENS) -> MemoryTokenIds:
+    """``add_tokens`` for RiM's ``<b> <m> </b>``."""
+    return MemoryTokenIds(*add_tokens(tokenizer, model, tokens))
 
 
 def check_custom_mask_support(model: nn.Module) -> None:
@@ -128,7 +141,7 @@ def make_trainable(model: nn.Module, new_token_ids: list[int], mode: str = "lora
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, lora_dropout=lora_dropout,
-                        target_modules=target_modules, trainable_token_indices=list(new_token_ids),
+                        target_modules=target_modules, trainable_token_indices=list(new_token_ids) or None,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

@@ -7,13 +7,15 @@ from torch import nn
 
 from rim.config import ModelConfig
 from rim.data.tasks import Task
-from rim.models.adapter import MemoryTokenIds, add_memory_tokens, check_custom_mask_support, ensure_pad_token
+from rim.models.adapter import MEMORY_TOKENS, add_tokens, check_custom_mask_support, ensure_pad_token
 
 
 def load_base(cfg: ModelConfig, task: Task | None = None, seed: int = 0) -> tuple[nn.Module, object]:
     """The pretrained (or, for ``tiny``, freshly initialised from ``seed``) model and its tokenizer, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.init_from is not None:
+        return load_trained(cfg.init_from)
     if cfg.name == "tiny":
         from rim.models.tiny import tiny_model, word_tokenizer
 
@@ -32,11 +34,22 @@ def load_base(cfg: ModelConfig, task: Task | None = None, seed: int = 0) -> tupl
     return model, tokenizer
 
 
-def build_model(cfg: ModelConfig, task: Task | None = None, seed: int = 0
-                ) -> tuple[nn.Module, object, MemoryTokenIds]:
-    """Base model + tokenizer with a pad token and the memory tokens, refused if it ignores custom masks."""
+def load_trained(run_dir: str) -> tuple[nn.Module, object]:
+    """The final weights of a finished run (LoRA merged into the base) and its tokenizer, to train further."""
+    from rim.eval.run import load_run
+
+    _, model, tokenizer, _, _ = load_run(run_dir, device="cpu")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.train(), tokenizer
+
+
+def build_model(cfg: ModelConfig, task: Task | None = None, seed: int = 0, tokens: tuple[str, ...] = MEMORY_TOKENS
+                ) -> tuple[nn.Module, object, list[int]]:
+    """Base model + tokenizer with a pad token and the method's special ``tokens`` (ids returned), refused if its
+    attention ignores custom masks."""
     model, tokenizer = load_base(cfg, task, seed)
     ensure_pad_token(tokenizer)
-    memory = add_memory_tokens(tokenizer, model)
+    ids = add_tokens(tokenizer, model, tokens)
     check_custom_mask_support(model)
-    return model, tokenizer, memory
+    return model, tokenizer, ids

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rim.config import Config, StageConfig, save_config, to_dict
@@ -29,8 +30,8 @@ from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
-from rim.methods.base import Method, TokenizedExample, make_method, tokenize_example
-from rim.models.adapter import make_trainable, masked_forward, set_dropout
+from rim.methods.base import Method, TokenizedExample, make_method, method_class
+from rim.models.adapter import make_trainable, set_dropout
 from rim.models.load import build_model
 
 
@@ -103,22 +104,42 @@ def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
-def prepare_data(cfg: Config, task: Task, tokenizer) -> list[TokenizedExample]:
+def prepare_data(cfg: Config, task: Task, tokenizer, method: Method) -> list[TokenizedExample]:
     """The tokenized training examples."""
     examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
-    return [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
+    return [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
+
+
+class StageData(Dataset):
+    """A stage's training layouts. Static methods lay every example out once; dynamic ones (iCoT-SI) lay it out
+    when it is drawn, at the stage position ``epoch`` that the loop keeps current, with a per-draw seeded RNG."""
+
+    def __init__(self, data: list[TokenizedExample], method: Method, stage: StageConfig, seed: int):
+        self.data, self.method, self.stage, self.seed, self.epoch, self.draws = data, method, stage, seed, 0.0, 0
+        self.fixed = None if method.dynamic else [method.train_layout(ex, stage) for ex in data]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Layout:
+        if self.fixed is not None:
+            return self.fixed[i]
+        self.draws += 1
+        rng = random.Random(f"{self.seed}-{self.stage.name}-{self.draws}")
+        return self.method.train_layout(self.data[i], self.stage, self.epoch, rng)
 
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
               accelerator, optimizer, log: RunLog, first_step: int, checkpointer: Checkpointer | None = None
               ) -> tuple[torch.optim.Optimizer, int]:
     """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
-    layouts = [method.train_layout(ex, stage) for ex in data]
+    layouts = StageData(data, method, stage, cfg.train.seed + first_step)
     generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    collate_fn = partial(method.collate, pad_id=tokenizer.pad_token_id)
     loader = accelerator.prepare(DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True,
                                             generator=generator, collate_fn=collate_fn))
     total = stage_length(stage, len(loader), cfg.train.grad_accum)
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     if optimizer is None or stage.reset_optimizer:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
     for group in optimizer.param_groups:
@@ -131,7 +152,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     while step < total:
         for batch in loader:
             with accelerator.accumulate(model):
-                logits = masked_forward(model, batch, cfg.method.readout_sees_question)
+                logits = method.forward(model, batch)
                 loss = weighted_readout_loss(logits, batch["labels"], stage_weights(batch, stage, step / total))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -145,6 +166,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 continue
             scheduler.step()
             step += 1
+            layouts.epoch = step / steps_per_epoch
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == total:
                 mean_loss = (loss_sum / n_loss).item()  # the only host sync, once per log interval
@@ -197,7 +219,7 @@ class Checkpointer:
         self.examples = []
         if cfg.eval.select_split:
             exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
-            self.examples = [tokenize_example(task, tokenizer, ex, cfg.data.prompt_format) for ex in exs]
+            self.examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in exs]
 
     def on_step(self, model, step: int, stage_end: bool = False) -> None:
         """Called after every optimizer step (``step`` counts over all stages)."""
@@ -247,11 +269,12 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     log = RunLog(run_dir, accelerator.is_main_process)
     task = make_task(cfg.data.task, cfg.data.options)
-    model, tokenizer, memory = build_model(cfg.model, task, cfg.train.seed)
-    model = make_trainable(model, memory.all, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
+    model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
+                                               method_class(cfg.method.name).special_tokens)
+    model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
                            cfg.model.lora_dropout)
-    method = make_method(cfg.method, memory.block(cfg.method.memory_tokens), tokenizer.eos_token_id)
-    data = prepare_data(cfg, task, tokenizer)
+    method = make_method(cfg.method, tokenizer)
+    data = prepare_data(cfg, task, tokenizer, method)
     model = accelerator.prepare(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),

@@ -1,0 +1,117 @@
+"""Coconut, chain of continuous thought (Hao et al., 2024): the last hidden state is fed back as the next input
+embedding, c "thoughts" per reasoning step, one sequential forward pass per thought.
+
+Curriculum (stages of kind ``latent``): stage k replaces the first k language steps with k x c thoughts between
+``<bot>`` and ``<eot>``; from k = ``method.max_latent_steps`` on, every remaining language step is dropped and the
+model answers right after the thoughts. Stage ``latent_steps: 0`` is plain CoT in the same format ("stage 0");
+``model.init_from`` starts from a trained CoT run instead. Every stage resets the optimizer by default.
+
+Differences from the original code: each stage uses min(k, max) x c thoughts for every example (the original pads
+to the maximum only in the last stages), and generation is batched and KV-cached.
+
+Training aligns every question end in one column (left padding), so thought j sits in the same column for the
+whole batch and the passes run through one KV cache: a prefill to ``<bot>``, one single-column pass per thought,
+then the rest of the sequence; gradients flow through the cache into every earlier pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rim.core.batch import collate
+from rim.core.layout import PAD, QUESTION, Layout, Readout, build_layout
+from rim.infer.generate import cache_argument, greedy_generate
+from rim.methods.base import Method, register, split_cot, tokenize_example
+
+BOT, THOUGHT, EOT = "<bot>", "<thought>", "<eot>"
+
+
+def left_shift(layout: Layout, n: int, pad_id: int) -> Layout:
+    """The layout with ``n`` padding positions in front (segment PAD, position 0, no label)."""
+    return Layout(input_ids=[pad_id] * n + layout.input_ids, segment=[PAD] * n + layout.segment,
+                  index=[0] * n + layout.index, position_ids=[0] * n + layout.position_ids,
+                  labels=[-100] * n + layout.labels, label_readout=[-1] * n + layout.label_readout,
+                  readouts=layout.readouts)
+
+
+def latent_forward(model, batch: dict[str, torch.Tensor], use_cache: bool = True) -> torch.Tensor:
+    """Logits (B, L, V) with the thoughts' input embeddings replaced by the previous position's last hidden state.
+
+    ``batch``: ``input_ids``, ``attention_mask`` (B, L; 0 at padding), ``position_ids``, ``latent_start`` (the
+    column of the first thought, the same for every row) and ``n_latent``. ``use_cache=False`` recomputes the
+    whole prefix for every thought: the slow reference the tests compare the cached passes against.
+    """
+    inner = getattr(model, "module", model)  # the HF model behind a DistributedDataParallel wrapper
+    embeds = inner.get_input_embeddings()(batch["input_ids"])
+    mask, positions = batch["attention_mask"], batch["position_ids"]
+    start, n = int(batch["latent_start"]), int(batch["n_latent"])
+    if n == 0:
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    if not use_cache:
+        for j in range(n):
+            col = start + j
+            out = model(inputs_embeds=embeds[:, :col], attention_mask=mask[:, :col],
+                        position_ids=positions[:, :col], use_cache=False, output_hidden_states=True)
+            embeds = torch.cat([embeds[:, :col], out.hidden_states[-1][:, -1:], embeds[:, col + 1:]], dim=1)
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    cache_arg, past, logits = cache_argument(inner), None, []
+    pieces = [(0, start)] + [(start + j, start + j + 1) for j in range(n)] + [(start + n, embeds.shape[1])]
+    hidden = None
+    for i, (lo, hi) in enumerate(pieces):
+        inputs = embeds[:, lo:hi] if hidden is None else hidden
+        out = model(inputs_embeds=inputs, attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
+                    use_cache=True, output_hidden_states=i < n, **{cache_arg: past})
+        past = out[cache_arg]
+        logits.append(out.logits)
+        hidden = out.hidden_states[-1][:, -1:] if i < n else None
+    return torch.cat(logits, dim=1)
+
+
+@register
+class Coconut(Method):
+    """``question <bot> <thought>*n <eot> remaining steps #### answer``; answer extracted after ``####``."""
+
+    name = "coconut"
+    cot = True
+    special_tokens = (BOT, THOUGHT, EOT)
+    stage_kinds = ("latent",)
+
+    def tokenize(self, task, tokenizer, ex, prompt_format="plain"):
+        out = tokenize_example(task, tokenizer, ex, prompt_format)
+        for k in range(self.cfg.max_latent_steps + 1):  # the language part left at each curriculum stage
+            reasoning, tail = split_cot(task, tokenizer, ex, ex.steps[k:] if k < self.cfg.max_latent_steps else ())
+            out.extra[f"rest{k}"] = reasoning + tail
+        return out
+
+    def n_latent(self, latent_steps: int) -> int:
+        """Thoughts in a stage that replaces ``latent_steps`` steps."""
+        return min(latent_steps, self.cfg.max_latent_steps) * self.cfg.thoughts_per_step
+
+    def train_layout(self, ex, stage, epoch=0.0, rng=None):
+        k = min(stage.latent_steps or 0, self.cfg.max_latent_steps)
+        block = [self.token[BOT]] + [self.token[THOUGHT]] * self.n_latent(k) + [self.token[EOT]]
+        return build_layout(ex.question, [block], [Readout(ex.extra[f"rest{k}"])], self.eos_id)
+
+    def prompt(self, ex, blocks):
+        return ex.question + [self.token[BOT]]
+
+    def collate(self, layouts, pad_id):
+        """Right-padded batch whose question ends share one column (see the module docstring)."""
+        n_question = [x.segment.count(QUESTION) for x in layouts]
+        width = max(n_question)
+        batch = collate([left_shift(x, width - q, pad_id) for x, q in zip(layouts, n_question)], pad_id)
+        batch["attention_mask"] = (batch["segment"] != PAD).long()
+        n_latent = {x.input_ids.count(self.token[THOUGHT]) for x in layouts}
+        if len(n_latent) != 1:
+            raise ValueError(f"one batch must have one number of thoughts, got {sorted(n_latent)}")
+        batch["latent_start"] = torch.tensor(width + 1)  # after <bot>
+        batch["n_latent"] = torch.tensor(n_latent.pop())
+        return batch
+
+    def forward(self, model, batch):
+        return latent_forward(model, batch)
+
+    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True):
+        n = self.n_latent(self.cfg.inference_latent_steps or self.cfg.max_latent_steps)
+        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, latents=n,
+                               after_latents=[self.token[EOT]])

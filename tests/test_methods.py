@@ -1,0 +1,221 @@
+"""The peer methods as plug-ins: layouts on a small example, latent passes, generation with and without cache,
+batch against single examples, and one short training run of every method."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+import torch
+
+from conftest import FAMILIES, WORDS
+from rim.config import MethodConfig, StageConfig, load_config
+from rim.core.layout import BLOCK, READOUT
+from rim.core.mask import attention_mask
+from rim.data.tasks import Example, RunningSum
+from rim.methods import METHODS, make_method
+from rim.methods.coconut import BOT, EOT, THOUGHT, latent_forward
+from rim.methods.icot import removal_offset
+from rim.models.adapter import add_tokens
+from rim.models.tiny import tiny_model, word_tokenizer
+
+TASK = RunningSum(digits=4)
+EXAMPLE = Example("3 7 2 9", ("3", "0", "2", "1"), "1")
+SFT = StageConfig(name="sft", kind="sft", steps=1)
+
+
+def setup(name: str, family: str = "llama", **cfg):
+    """(model, tokenizer, method) on a tiny random model with the method's tokens added."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, seed=0)
+    add_tokens(tok, model, METHODS[name].special_tokens)
+    return model.eval(), tok, make_method(MethodConfig(name=name, **cfg), tok)
+
+
+def words(tok, ids):
+    return tok.convert_ids_to_tokens(ids)
+
+
+def test_every_method_is_registered():
+    assert {"nocot", "cot", "rim", "pause", "coconut", "icot"} <= set(METHODS)
+
+
+def test_pause_layout_is_causal_with_n_pauses_and_answer_only_loss():
+    _, tok, method = setup("pause", blocks=2, memory_tokens=1)  # default N = K (M + 2) = 6
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+    layout = method.train_layout(ex, SFT)
+    assert words(tok, layout.input_ids) == words(tok, ex.question) + ["<pause>"] * 6 + ["1"]
+    assert [t for t in layout.labels if t != -100] == ex.answer + [tok.eos_token_id]
+    seg, idx = torch.tensor([layout.segment]), torch.tensor([layout.index])
+    assert torch.equal(attention_mask(seg, idx)[0], torch.ones(len(layout), len(layout)).tril().bool())
+    assert method.prompt(ex, blocks=5) == ex.question + [tok.convert_tokens_to_ids("<pause>")] * 6
+    _, _, three = setup("pause", pause_tokens=3)
+    assert words(tok, three.prompt(ex, 8)).count("<pause>") == 3
+
+
+def test_icot_removes_reasoning_from_the_front_over_training():
+    _, tok, method = setup("icot", remove_per_epoch=2.0, remove_smoothing=None)
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+    assert words(tok, ex.extra["reasoning"] + ex.extra["tail"]) == words(tok, ex.cot)  # " 3 0 2 1 #### 1"
+
+    def readout(epoch):
+        layout = method.train_layout(ex, SFT, epoch)
+        return words(tok, [t for t, s in zip(layout.input_ids, layout.segment) if s == READOUT])
+
+    assert readout(0.0) == ["3", "0", "2", "1", "####", "1"]
+    assert readout(0.49) == readout(0.0)
+    assert readout(0.5) == ["0", "2", "1", "####", "1"]  # Δ = 2 per epoch: one token per half epoch
+    assert readout(1.0) == ["2", "1", "####", "1"]
+    assert readout(2.0) == readout(9.0) == ["####", "1"]  # everything removed: the answer after the separator
+
+
+def test_icot_removal_smoothing_is_geometric():
+    rng = random.Random(0)
+    draws = [removal_offset(rng, 1.0) for _ in range(20000)]
+    q = torch.exp(torch.tensor(-1.0)).item()  # P(o >= 1) = e^-λ
+    assert abs(statistics.mean(draws) - q / (1 - q)) < 0.03
+    assert abs(sum(d == 0 for d in draws) / len(draws) - (1 - q)) < 0.01
+
+
+def coconut_stage(k):
+    return StageConfig(name=f"s{k}", kind="latent", steps=1, latent_steps=k)
+
+
+def test_coconut_layouts_replace_steps_with_thoughts_stage_by_stage():
+    _, tok, method = setup("coconut", thoughts_per_step=2, max_latent_steps=2)
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+
+    def parts(k):
+        layout = method.train_layout(ex, coconut_stage(k))
+        block = words(tok, [t for t, s in zip(layout.input_ids, layout.segment) if s == BLOCK])
+        readout = words(tok, [t for t, s in zip(layout.input_ids, layout.segment) if s == READOUT])
+        return block, readout
+
+    assert parts(0) == ([BOT, EOT], ["3", "0", "2", "1", "####", "1"])  # stage 0: CoT in Coconut's format
+    assert parts(1) == ([BOT, THOUGHT, THOUGHT, EOT], ["0", "2", "1", "####", "1"])
+    assert parts(2) == ([BOT] + [THOUGHT] * 4 + [EOT], ["####", "1"])  # the last stage drops all language steps
+    assert parts(5) == parts(2)
+    assert words(tok, method.prompt(ex, 8)) == words(tok, ex.question) + [BOT]
+
+
+def reference_latent_logits(model, ids: list[int], first_thought: int, n: int) -> torch.Tensor:
+    """One unpadded sequence, thoughts filled one at a time by full recomputation (the definition)."""
+    embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    for j in range(n):
+        col = first_thought + j
+        hidden = model(inputs_embeds=embeds[:, :col], output_hidden_states=True).hidden_states[-1]
+        embeds = torch.cat([embeds[:, :col], hidden[:, -1:], embeds[:, col + 1:]], dim=1)
+    return model(inputs_embeds=embeds).logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coconut_batched_cached_passes_equal_the_definition(family):
+    model, tok, method = setup("coconut", family, thoughts_per_step=2, max_latent_steps=2)
+    examples = [method.tokenize(TASK, tok, e) for e in (EXAMPLE, Example("5 1", ("5", "6"), "6"))]
+    layouts = [method.train_layout(ex, coconut_stage(1)) for ex in examples]
+    batch = method.collate(layouts, tok.pad_token_id)
+    assert int(batch["n_latent"]) == 2
+    cols = batch["input_ids"][:, int(batch["latent_start"])]
+    assert (cols == tok.convert_tokens_to_ids(THOUGHT)).all()  # thought 1 in one column for the whole batch
+    with torch.no_grad():
+        cached, uncached = latent_forward(model, batch), latent_forward(model, batch, use_cache=False)
+    assert torch.allclose(cached, uncached, atol=1e-5)
+    for row, (ex, layout) in enumerate(zip(examples, layouts)):
+        with torch.no_grad():
+            ref = reference_latent_logits(model, layout.input_ids, len(ex.question) + 1, 2)
+        real = batch["attention_mask"][row].bool()
+        assert torch.allclose(cached[row][real], ref, atol=1e-5)
+    # the thoughts matter: the same tokens without feeding hidden states back give other logits
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).logits
+    assert not torch.allclose(plain, cached, atol=1e-3)
+
+
+def test_coconut_gradients_flow_through_every_thought():
+    model, tok, method = setup("coconut", thoughts_per_step=2, max_latent_steps=2)
+    model.train()
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+    batch = method.collate([method.train_layout(ex, coconut_stage(2))], tok.pad_token_id)
+    grads = []
+    for use_cache in (True, False):
+        model.zero_grad()
+        logits = latent_forward(model, batch, use_cache)
+        torch.nn.functional.cross_entropy(logits[0], batch["labels"][0], ignore_index=-100).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["coconut", "pause", "icot"])
+def test_generation_cached_equals_uncached_and_batch_equals_singles(name):
+    model, tok, method = setup(name, max_latent_steps=2, thoughts_per_step=2)
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
+    prompts = [method.prompt(ex, 4) for ex in exs]
+    pad = tok.pad_token_id
+    eos = tok.convert_tokens_to_ids("?")  # a random model rarely emits EOS; any fixed id works as a stop token
+    cached = method.generate(model, prompts, pad, eos, 6)
+    assert cached.tokens == method.generate(model, prompts, pad, eos, 6, use_cache=False).tokens
+    assert cached.tokens == [method.generate(model, [p], pad, eos, 6).tokens[0] for p in prompts]
+    assert len(cached.step_s) >= 1
+
+
+def test_coconut_generation_starts_after_the_thoughts():
+    model, tok, method = setup("coconut", max_latent_steps=1, thoughts_per_step=3)
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+    gen = method.generate(model, [method.prompt(ex, 8)], tok.pad_token_id, -1, 1)  # -1: no stop token
+    ids = method.prompt(ex, 8) + [tok.convert_tokens_to_ids(THOUGHT)] * 3 + [tok.convert_tokens_to_ids(EOT)]
+    with torch.no_grad():
+        ref = reference_latent_logits(model, ids, len(ex.question) + 1, 3)
+    assert gen.tokens[0] == [int(ref[-1].argmax())]
+
+
+def tiny_config(method: str, stages: list[str], tmp_path, extra=()):
+    return load_config(None, [
+        "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", f"method.name={method}",
+        "data.options={n_train: 64, n_test: 8, n_valid: 8}", f"stages=[{', '.join(stages)}]",
+        "train.batch_size=16", "train.progress=false", "train.device=cpu", "eval.latency_examples=1",
+        f"output_dir={tmp_path / method}", *extra])
+
+
+@pytest.mark.parametrize("method,stages,extra", [
+    ("pause", ["{name: sft, kind: sft, steps: 2}"], []),
+    ("icot", ["{name: sft, kind: sft, epochs: 2}"], ["method.remove_per_epoch=2"]),
+    ("coconut", ["{name: s0, kind: latent, steps: 2, latent_steps: 0}",
+                 "{name: s1, kind: latent, steps: 2, latent_steps: 1}"], ["method.max_latent_steps=1"]),
+])
+def test_each_method_trains_and_evaluates(tmp_path, method, stages, extra):
+    from rim.eval.run import eval_run
+    from rim.train.loop import train
+
+    run = train(tiny_config(method, stages, tmp_path, extra))
+    metrics = eval_run(run).metrics
+    assert metrics["method"] == method and metrics["n"] == 8 and metrics["ttft_ms"] > 0
+    assert metrics["any_block_accuracy"] is None
+    layout = (run / "layout.txt").read_text()
+    assert {"pause": "<pause>", "icot": "####", "coconut": "<thought>"}[method] in layout
+
+
+def test_coconut_starts_from_a_trained_cot_run(tmp_path):
+    from rim.eval.run import load_run
+    from rim.train.loop import train
+
+    cot = train(tiny_config("cot", ["{name: sft, kind: sft, steps: 2}"], tmp_path))
+    cfg = tiny_config("coconut", ["{name: s1, kind: latent, steps: 1, latent_steps: 1}"], tmp_path,
+                      [f"model.init_from={cot}", "method.max_latent_steps=1", "stages.s1.lr=1e-9"])
+    run = train(cfg)
+    _, cot_model, _, _, _ = load_run(cot, device="cpu")
+    _, coconut_model, tok, _, _ = load_run(run, device="cpu")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    before, after = dict(cot_model.named_parameters())[name], dict(coconut_model.named_parameters())[name]
+    assert torch.allclose(before, after, atol=1e-5)  # started from the CoT weights (lr ~ 0)
+    assert tok.convert_tokens_to_ids([BOT, THOUGHT, EOT]) == [len(tok) - 3, len(tok) - 2, len(tok) - 1]
+
+
+def test_stage_kinds_are_checked_per_method():
+    from rim.config import ConfigError
+
+    with pytest.raises(ConfigError, match="one of latent for coconut"):
+        load_config(None, ["method.name=coconut", "stages=[{name: a, kind: sft, steps: 1}]"])
+    with pytest.raises(ConfigError, match="method.name"):
+        load_config(None, ["method.name=codi"])
