@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU-sized real-data comparison (issue 3): No-CoT, CoT and RiM on iCoT 4x4 multiplication with a tiny model
-# trained from scratch, selected on valid (best/), scored on the 1,000-problem test split. About 40 min on 2 cores.
+# trained from scratch, selected on valid (best/), scored on the 1,000-problem test split. About 20 min on 2 idle cores.
 #   usage: bash bench/cpu_mult4x4.sh [runs/cpu]
 set -euo pipefail
 RUNS=${1:-runs/cpu}
