@@ -82,5 +82,8 @@ def test_masked_forward_through_ddp_wrapper(tmp_path):
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         with torch.no_grad():
             assert torch.allclose(masked_forward(wrapped, batch), masked_forward(model, batch))
+            keep = batch["supervised"]
+            kept = masked_forward(wrapped, batch, keep=keep)  # logits at the labels only, through the wrapper
+            assert torch.allclose(kept, masked_forward(model, batch).flatten(0, 1)[keep], atol=1e-5)
     finally:
         dist.destroy_process_group()

@@ -4,6 +4,7 @@
     rim train CONFIG [key=value ...]           # one experiment; writes a run directory
     rim eval RUN [--split test] [--blocks K]   # final-block / any-block accuracy, predictions.jsonl
     rim show-layout CONFIG [key=value ...]     # one decoded training example per stage
+    rim bench all --shape tiny                 # speed: latency and training against the baselines
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     run_compare(spec or demo_spec_path(), overrides, retrain=args.retrain)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from rim.bench import BenchSettings, markdown, run_bench
+
+    settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
+                             train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
+                             repeats=args.repeats)
+    results = run_bench(args.suite, args.shape, args.device, args.out, settings)
+    print(markdown(results), end="")
+    print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory (RiM): latent reasoning with "
                                      "memory blocks for Hugging Face causal LMs.")
@@ -127,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only report these scored run directories (row label: the folder name)")
     p.add_argument("--out", default="runs/compare/collected", help="report folder for --collect")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="speed against the baselines: latency of every method, RiM's training step")
+    p.add_argument("suite", choices=["latency", "train", "all"])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "gpt2", "smollm2-135m", "llama-3.2-1b"],
+                   help="model shape, random weights (default: tiny, the demo's model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="runs/bench", help="folder for bench-<shape>-<suite>.json and .md")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 64],
+                   help="latency batch sizes, comma-separated (default: 1,64)")
+    p.add_argument("--train-batch", type=int, default=32, help="training batch size (default: 32)")
+    p.add_argument("--train-mode", default="auto", choices=["auto", "full", "lora"],
+                   help="what trains (auto: full for tiny, LoRA rank 128 otherwise, as rim train)")
+    p.add_argument("--question-tokens", type=int, default=100)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")
     p.add_argument("config", help="YAML config file")

@@ -16,7 +16,9 @@ def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
 
     Per token: ``input_ids``, ``segment``, ``index``, ``position_ids``, ``labels``, ``label_readout``.
     Per readout: ``readout_step`` (t, 0 for answers), ``readout_n_steps`` (T), ``readout_block`` (k);
-    ``n_blocks`` (B, 1). Padded positions get segment PAD, label IGNORE and readout -1.
+    ``n_blocks`` (B, 1). Padded positions get segment PAD, label IGNORE and readout -1. ``supervised`` (N,): the
+    flat indices into (B, L) of the positions with a label, made here on the host so that training can compute
+    logits only there without a device sync.
     """
     length = max(len(x) for x in layouts)
     n_readouts = max(len(x.readouts) for x in layouts)
@@ -32,4 +34,14 @@ def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
         "readout_block": _pad([list(range(1, len(x.readouts) + 1)) for x in layouts], 0, n_readouts),
     }
     batch["n_blocks"] = torch.tensor([[len(x.readouts)] for x in layouts], dtype=torch.long)
+    batch["supervised"] = supervised_positions(batch["labels"])
     return batch
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (N,) of the positions of ``labels`` (B, L) that hold a label, in row-major order.
+
+    >>> supervised_positions(torch.tensor([[IGNORE, 5], [6, IGNORE]])).tolist()
+    [1, 2]
+    """
+    return (labels.flatten() != IGNORE).nonzero().squeeze(1)

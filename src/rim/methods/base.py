@@ -107,9 +107,10 @@ class Method:
     def collate(self, layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(layouts, pad_id)
 
-    def forward(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training logits (B, L, V) of a collated batch: one pass under the layout's mask by default."""
-        return masked_forward(model, batch, self.cfg.readout_sees_question)
+    def forward(self, model, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Training logits of a collated batch: (B, L, V), or (N, V) at the flat positions ``keep`` only (training
+        passes ``batch["supervised"]``); one pass under the layout's mask by default."""
+        return masked_forward(model, batch, self.cfg.readout_sees_question, keep)
 
     def generate(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                  use_cache: bool = True) -> Generation:

@@ -22,6 +22,7 @@ from rim.core.batch import collate
 from rim.core.layout import PAD, QUESTION, Layout, Readout, build_layout
 from rim.infer.generate import cache_argument, greedy_generate
 from rim.methods.base import Method, register, split_cot, tokenize_example
+from rim.models.adapter import check_kept, logits_at
 
 BOT, THOUGHT, EOT = "<bot>", "<thought>", "<eot>"
 
@@ -34,37 +35,49 @@ def left_shift(layout: Layout, n: int, pad_id: int) -> Layout:
                   readouts=layout.readouts)
 
 
-def latent_forward(model, batch: dict[str, torch.Tensor], use_cache: bool = True) -> torch.Tensor:
-    """Logits (B, L, V) with the thoughts' input embeddings replaced by the previous position's last hidden state.
+def latent_forward(model, batch: dict[str, torch.Tensor], use_cache: bool = True, keep: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Logits (B, L, V) with the thoughts' input embeddings replaced by the previous position's last hidden state;
+    (N, V) at the flat positions ``keep`` only (``logits_at``).
 
     ``batch``: ``input_ids``, ``attention_mask`` (B, L; 0 at padding), ``position_ids``, ``latent_start`` (the
     column of the first thought, the same for every row) and ``n_latent``. ``use_cache=False`` recomputes the
-    whole prefix for every thought: the slow reference the tests compare the cached passes against.
+    whole prefix for every thought: the slow reference the tests compare the cached passes against. With the cache,
+    ``keep`` must lie in the last pass, from ``<eot>`` on, which holds every label of a Coconut layout.
     """
     inner = getattr(model, "module", model)  # the HF model behind a DistributedDataParallel wrapper
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask, positions = batch["attention_mask"], batch["position_ids"]
-    start, n = int(batch["latent_start"]), int(batch["n_latent"])
+    start, n, length = int(batch["latent_start"]), int(batch["n_latent"]), embeds.shape[1]
+
+    def final_pass(inputs: torch.Tensor, lo: int, **kwargs) -> torch.Tensor:
+        """Logits of the pass over columns lo..L, at ``keep`` re-indexed into its (B, L - lo) positions."""
+        local = None if keep is None else keep // length * (length - lo) + keep % length - lo
+        with logits_at(model, local):
+            out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, lo:], **kwargs)
+        return check_kept(out.logits, local)
+
     if n == 0:
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        return final_pass(embeds, 0, use_cache=False)
     if not use_cache:
         for j in range(n):
             col = start + j
             out = model(inputs_embeds=embeds[:, :col], attention_mask=mask[:, :col],
                         position_ids=positions[:, :col], use_cache=False, output_hidden_states=True)
             embeds = torch.cat([embeds[:, :col], out.hidden_states[-1][:, -1:], embeds[:, col + 1:]], dim=1)
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    cache_arg, past, logits = cache_argument(inner), None, []
-    pieces = [(0, start)] + [(start + j, start + j + 1) for j in range(n)] + [(start + n, embeds.shape[1])]
-    hidden = None
-    for i, (lo, hi) in enumerate(pieces):
+        return final_pass(embeds, 0, use_cache=False)
+    cache_arg, past, logits, hidden = cache_argument(inner), None, [], None
+    pieces = [(0, start)] + [(start + j, start + j + 1) for j in range(n)]
+    for lo, hi in pieces:  # the prefill to <bot>, then one pass per thought
         inputs = embeds[:, lo:hi] if hidden is None else hidden
-        out = model(inputs_embeds=inputs, attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
-                    use_cache=True, output_hidden_states=i < n, **{cache_arg: past})
+        with logits_at(model, None if keep is None else keep[:0]):  # no logits needed before <eot>
+            out = model(inputs_embeds=inputs, attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
+                        use_cache=True, output_hidden_states=True, **{cache_arg: past})
         past = out[cache_arg]
         logits.append(out.logits)
-        hidden = out.hidden_states[-1][:, -1:] if i < n else None
-    return torch.cat(logits, dim=1)
+        hidden = out.hidden_states[-1][:, -1:]
+    last = final_pass(embeds[:, start + n:], start + n, use_cache=True, **{cache_arg: past})
+    return last if keep is not None else torch.cat(logits + [last], dim=1)
 
 
 @register
@@ -108,8 +121,8 @@ class Coconut(Method):
         batch["n_latent"] = torch.tensor(n_latent.pop())
         return batch
 
-    def forward(self, model, batch):
-        return latent_forward(model, batch)
+    def forward(self, model, batch, keep=None):
+        return latent_forward(model, batch, keep=keep)
 
     def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True):
         n = self.n_latent(self.cfg.inference_latent_steps or self.cfg.max_latent_steps)

@@ -3,13 +3,18 @@
 - ``add_tokens``: a method's special tokens (RiM: ``<b> <m> </b>``), new embedding rows set to the mean row;
 - ``check_custom_mask_support``: a probe that refuses attention backends which ignore custom 4-D masks;
 - ``make_trainable``: LoRA (peft) plus only the new embedding rows, or every weight;
-- ``masked_forward``: one forward pass under the RiM mask with RiM position ids.
-No model family is special-cased: only ``get_input_embeddings``, ``resize_token_embeddings``, ``attention_mask``,
-and ``position_ids``.
+- ``masked_forward``: one forward pass under the RiM mask with RiM position ids;
+- ``logits_at``: logits only at chosen positions (training computes them where labels are, not over the vocabulary
+  at every position);
+- ``compile_blocks``: ``torch.compile`` of each transformer block.
+No model family is special-cased: only ``get_input_embeddings``, ``get_output_embeddings``,
+``resize_token_embeddings``, ``attention_mask``, ``position_ids`` and ``_no_split_modules``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -167,10 +172,77 @@ def model_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return mask.unsqueeze(1)
 
 
-def masked_forward(model: nn.Module, batch: dict[str, torch.Tensor], readout_sees_question: bool = True
-                   ) -> torch.Tensor:
-    """Logits (B, L, V) of one forward pass over laid-out examples under the RiM mask and position ids."""
+@contextmanager
+def logits_at(model: nn.Module, keep: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the model computes logits only at ``keep`` (N,), flat indices into the (B, L) positions of
+    its input: it returns (N, V) logits in that order instead of (B, L, V). ``None`` changes nothing.
+
+    A forward pre-hook on the output embedding (the LM head) gathers the last hidden states at those positions, so
+    the (B, L, V) logits never exist. This works for any HF causal LM, which projects through
+    ``get_output_embeddings()``, and keeps whatever wraps the head (peft's LoRA or trainable-token wrappers) or
+    follows it (logit soft-capping, scaling). ``keep`` is made on the host (``collate``): no device sync.
+    """
+    if keep is None:
+        yield
+        return
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding; set train.supervised_logits=false")
+
+    def gather(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def check_kept(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` unchanged, after checking that ``logits_at`` applied (a model that bypasses its output
+    embedding would silently return every position's logits)."""
+    if keep is not None and logits.shape[:-1] != keep.shape:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {keep.numel()} kept positions: the model does "
+                         "not compute logits through get_output_embeddings(); set train.supervised_logits=false")
+    return logits
+
+
+def masked_forward(model: nn.Module, batch: dict[str, torch.Tensor], readout_sees_question: bool = True,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of one forward pass over laid-out examples under the RiM mask and position ids: (B, L, V), or (N, V)
+    at the flat positions ``keep`` only (see ``logits_at``)."""
     mask = attention_mask(batch["segment"], batch["index"], readout_sees_question)
-    out = model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
-                position_ids=batch["position_ids"], use_cache=False)
-    return out.logits
+    with logits_at(model, keep):
+        out = model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
+                    position_ids=batch["position_ids"], use_cache=False)
+    return check_kept(out.logits, keep)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (less memory for large models), through HF's own
+    switch; non-reentrant, so frozen base weights under LoRA need no input-gradient trick."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
+                         "set train.gradient_checkpointing=false")
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, which deprecate the old name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block in place (the classes HF lists in ``_no_split_modules``); returns
+    how many. The head, the supervised-position gather and the loss stay eager: their shapes change every batch.
+    Compiling in place keeps parameter names, so checkpoints are unaffected."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in inner.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(base).__name__} names no transformer block class (_no_split_modules); "
+                         "set train.compile=false")
+    for block in blocks:
+        block.compile()
+    return len(blocks)

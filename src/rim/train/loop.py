@@ -16,11 +16,12 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from rim.config import Config, StageConfig, save_config, to_dict
@@ -31,7 +32,7 @@ from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
 from rim.methods.base import Method, TokenizedExample, make_method, method_class
-from rim.models.adapter import make_trainable, set_dropout
+from rim.models.adapter import compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
 from rim.models.load import build_model
 
 
@@ -110,6 +111,41 @@ def prepare_data(cfg: Config, task: Task, tokenizer, method: Method) -> list[Tok
     return [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
 
 
+def step_loss(method: Method, model, batch: dict[str, torch.Tensor], weights: torch.Tensor,
+              supervised_logits: bool = True) -> torch.Tensor:
+    """The weighted readout loss of one batch. Logits only at the supervised positions (``batch["supervised"]``),
+    so (N, V) instead of (B, L, V); with ``supervised_logits`` off, at every position (the simple reference path,
+    equal within floating-point tolerance)."""
+    if not supervised_logits:
+        return weighted_readout_loss(method.forward(model, batch), batch["labels"], weights)
+    keep = batch["supervised"]
+    return weighted_readout_loss(method.forward(model, batch, keep), batch["labels"].flatten()[keep],
+                                 weights.flatten()[keep])
+
+
+class LengthBuckets(Sampler[list[int]]):
+    """Batches of examples of similar length (less padding), drawn deterministically from ``seed``: each pass
+    shuffles the examples, sorts every window of ``window`` batches by length, cuts it into batches and shuffles
+    the batch order. Only the last batch of a pass can be short, so a pass has as many batches as plain shuffling.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50):
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span, batches = self.batch_size * self.window, []
+        for lo in range(0, len(order), span):
+            window = sorted(order[lo:lo + span], key=self.lengths.__getitem__)
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
 class StageData(Dataset):
     """A stage's training layouts. Static methods lay every example out once; dynamic ones (iCoT-SI) lay it out
     when it is drawn, at the stage position ``epoch`` that the loop keeps current, with a per-draw seeded RNG."""
@@ -120,6 +156,12 @@ class StageData(Dataset):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def lengths(self) -> list[int]:
+        """Sequence length of every example (for dynamic methods, at the start of the stage)."""
+        if self.fixed is not None:
+            return [len(x) for x in self.fixed]
+        return [len(self.method.train_layout(ex, self.stage)) for ex in self.data]
 
     def __getitem__(self, i: int) -> Layout:
         if self.fixed is not None:
@@ -134,10 +176,15 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
               ) -> tuple[torch.optim.Optimizer, int]:
     """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
     layouts = StageData(data, method, stage, cfg.train.seed + first_step)
-    generator = torch.Generator().manual_seed(cfg.train.seed + first_step)
+    seed = cfg.train.seed + first_step
     collate_fn = partial(method.collate, pad_id=tokenizer.pad_token_id)
-    loader = accelerator.prepare(DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True,
-                                            generator=generator, collate_fn=collate_fn))
+    if cfg.train.bucket_by_length:
+        loader = DataLoader(layouts, batch_sampler=LengthBuckets(layouts.lengths(), cfg.train.batch_size, seed),
+                            collate_fn=collate_fn)
+    else:
+        loader = DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
+                            generator=torch.Generator().manual_seed(seed))
+    loader = accelerator.prepare(loader)
     total = stage_length(stage, len(loader), cfg.train.grad_accum)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     if optimizer is None or stage.reset_optimizer:
@@ -152,8 +199,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     while step < total:
         for batch in loader:
             with accelerator.accumulate(model):
-                logits = method.forward(model, batch)
-                loss = weighted_readout_loss(logits, batch["labels"], stage_weights(batch, stage, step / total))
+                loss = step_loss(method, model, batch, stage_weights(batch, stage, step / total),
+                                 cfg.train.supervised_logits)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -271,8 +318,12 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     task = make_task(cfg.data.task, cfg.data.options)
     model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
                                                method_class(cfg.method.name).special_tokens)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
                            cfg.model.lora_dropout)
+    if cfg.train.compile:
+        compile_blocks(model)
     method = make_method(cfg.method, tokenizer)
     data = prepare_data(cfg, task, tokenizer, method)
     model = accelerator.prepare(model)

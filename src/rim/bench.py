@@ -1,0 +1,443 @@
+"""Speed against the baselines (``rim bench``): inference latency of every method, and the training step of RiM
+against a plain causal step. Every comparison is a ratio of two numbers measured in the same run on the same device.
+
+    rim bench all --shape tiny                              # CPU, a few minutes
+    rim bench all --shape llama-3.2-1b --out runs/bench     # GPU; random weights (speed does not depend on them)
+
+Everything runs through the real code paths: prompts from ``Method.prompt``, decoding through ``Method.generate``,
+RiM's training step through ``Method.forward`` and ``step_loss``. Each measurement: warm-up runs, then repeats,
+each between two device synchronisations; medians. On a GPU, training runs under bf16 autocast (as ``rim train``)
+and inference in bf16 weights; on a CPU both in fp32. Writes ``bench-<shape>-<suite>.json`` (numbers, ratios,
+targets and the environment: device, versions, commit) and the same as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from rim.config import MethodConfig, StageConfig
+from rim.core.batch import collate
+from rim.core.layout import PAD, Readout, build_layout
+from rim.data.tasks import Example
+from rim.methods.base import METHODS, TokenizedExample, make_method
+from rim.models.adapter import add_tokens, logits_at, make_trainable, masked_forward, set_dropout
+from rim.models.tiny import SPECIAL, word_tokenizer
+from rim.train.loop import stage_weights, step_loss
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A causal LM shape, built locally with random weights and tied embeddings."""
+
+    family: str  # llama or gpt2
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+
+SHAPES = {
+    "tiny": Shape("llama", 8, 96, 4, 2, 384, 2048),  # the demo's model, with a vocabulary of 2,048
+    "gpt2": Shape("gpt2", 12, 768, 12, 12, 3072, 50257),  # GPT-2 124M
+    "smollm2-135m": Shape("llama", 30, 576, 9, 3, 1536, 49152),
+    "llama-3.2-1b": Shape("llama", 16, 2048, 32, 8, 8192, 128256),
+}
+
+# tokens each method generates before its first answer token: CoT its reasoning (37 tokens, a GSM8K-Aug-like chain
+# with its ``####``), Coconut the ``####`` after its thoughts; the others answer right after the prompt
+REASONING_TOKENS = {"nocot": 0, "rim": 0, "pause": 0, "coconut": 1, "cot": 37}
+NO_STOP = -1  # an EOS id no model produces: every method decodes exactly its budget
+
+# dense bf16 peak FLOP/s by device name (first match), for model FLOP utilisation
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+# (ratio, comparison, bound, shape it applies to or None for every shape); they are GPU targets
+TARGETS = (
+    ("ttft_rim_over_nocot_b1", "<=", 1.05, None),
+    ("ttft_cot_over_rim_b1", ">=", 27.0, None),
+    ("ttft_coconut_over_rim_b1", ">=", 6.0, None),
+    ("train_stage1_rim_over_plain", ">=", 1.5, "llama-3.2-1b"),
+    ("train_stage2_rim_over_plain", ">=", 1.5, "llama-3.2-1b"),
+    ("train_stage1_rim_over_plain", ">=", 3.0, "smollm2-135m"),
+    ("train_stage2_rim_over_plain", ">=", 3.0, "smollm2-135m"),
+    ("masked_over_separate", ">=", 7.0, None),
+)
+
+
+@dataclass
+class BenchSettings:
+    """What is measured: the synthetic problem, batch sizes and how often."""
+
+    question_tokens: int = 100
+    steps: int = 4  # T, reasoning steps of the training examples (grounding layout)
+    step_tokens: int = 8
+    answer_tokens: int = 3  # decoded after any reasoning; the answer of the training examples
+    blocks: int = 8  # K
+    memory_tokens: int = 2  # M
+    thoughts: int = 6  # Coconut's continuous thoughts (3 steps x 2)
+    batch_sizes: tuple[int, ...] = (1, 64)  # latency
+    train_batch: int = 32
+    train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
+    warmup: int = 2
+    repeats: int = 10
+    seed: int = 0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls, after ``warmup`` untimed ones, each between device synchronisations."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak allocated device memory since the last reset (None on a CPU: not measured there)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_tokens() -> tuple[str, ...]:
+    """The special tokens of every method that is timed."""
+    return tuple(dict.fromkeys(t for name in REASONING_TOKENS for t in METHODS[name].special_tokens))
+
+
+def build_model(shape: Shape, device: torch.device, seed: int = 0):
+    """(model in fp32, tokenizer with every method's special tokens), the vocabulary exactly ``shape.vocab``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokens = bench_tokens()
+    tokenizer = word_tokenizer([f"w{i}" for i in range(shape.vocab - len(SPECIAL) - len(tokens))])
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True}
+    if shape.family == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=shape.vocab, n_embd=shape.hidden, n_layer=shape.layers,
+                                      n_head=shape.heads, n_inner=shape.ffn, n_positions=1024, **ids)
+    else:
+        config = AutoConfig.for_model("llama", vocab_size=shape.vocab, hidden_size=shape.hidden,
+                                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                                      num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn,
+                                      max_position_embeddings=2048, **ids)
+    torch.manual_seed(seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    add_tokens(tokenizer, model, tokens)
+    return model, tokenizer
+
+
+def synthetic_examples(n: int, tokenizer, s: BenchSettings, seed: int = 0) -> list[TokenizedExample]:
+    """``n`` problems of random word tokens: a question (BOS first), ``s.steps`` steps and an answer."""
+    rng = random.Random(seed)
+    words = range(len(SPECIAL), len(tokenizer) - len(bench_tokens()))
+
+    def draw(k: int) -> list[int]:
+        return [rng.choice(words) for _ in range(k)]
+
+    return [TokenizedExample(Example("", (), ""), [tokenizer.bos_token_id] + draw(s.question_tokens - 1),
+                             [draw(s.step_tokens) for _ in range(s.steps)], draw(s.answer_tokens), [])
+            for _ in range(n)]
+
+
+def method_config(name: str, s: BenchSettings) -> MethodConfig:
+    return MethodConfig(name=name, blocks=s.blocks, memory_tokens=s.memory_tokens, thoughts_per_step=2,
+                        max_latent_steps=s.thoughts // 2)
+
+
+def bench_latency(model, tokenizer, s: BenchSettings, device: torch.device) -> dict:
+    """Time to the first answer token and full latency of every method, per batch size (medians)."""
+    model.eval()
+    out = {}
+    for batch_size in s.batch_sizes:
+        examples = synthetic_examples(batch_size, tokenizer, s, s.seed)
+        out[f"b{batch_size}"] = {name: time_method(model, tokenizer, name, examples, s, device)
+                                 for name in REASONING_TOKENS}
+    return out
+
+
+def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s: BenchSettings,
+                device: torch.device) -> dict:
+    """One method's medians over a batch: its prompts through its own ``generate``."""
+    method = make_method(method_config(name, s), tokenizer)
+    prompts = [method.prompt(ex, s.blocks) for ex in examples]
+    reasoning = REASONING_TOKENS[name]
+    budget = reasoning + s.answer_tokens
+    firsts, totals = [], []
+
+    def decode() -> None:
+        gen = method.generate(model, prompts, tokenizer.pad_token_id, NO_STOP, budget)
+        firsts.append(gen.step_s[reasoning])
+        totals.append(gen.total_s)
+
+    timed(decode, device, s.warmup, s.repeats)
+    return {"ttft_ms": 1e3 * statistics.median(firsts[s.warmup:]),
+            "latency_ms": 1e3 * statistics.median(totals[s.warmup:]), "prompt_tokens": len(prompts[0]),
+            "generated_tokens": budget, "latent_passes": s.thoughts + 1 if name == "coconut" else 0}
+
+
+def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain Hugging Face step's loss: causal mask, logits everywhere, HF's own loss over every real token."""
+    real = batch["segment"] != PAD
+    labels = batch["input_ids"].masked_fill(~real, -100)
+    return model(input_ids=batch["input_ids"], attention_mask=real.long(), labels=labels, use_cache=False).loss
+
+
+def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: torch.device, mode: str) -> dict:
+    """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full and supervised logits) on
+    each stage's batch; then one masked pass over K readouts against K separate passes (forward only)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    model = make_trainable(model, new_ids, mode, lora_rank=128)
+    set_dropout(model, 0.0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    method = make_method(method_config("rim", s), tokenizer)
+    examples = synthetic_examples(s.train_batch, tokenizer, s, s.seed + 1)
+    out: dict = {"train_mode": mode, "trainable_parameters": sum(p.numel() for p in params), "parameters": n_params}
+    for stage in (StageConfig(name="grounding", kind="grounding", steps=1, block_weight="uniform"),
+                  StageConfig(name="refinement", kind="refinement", steps=1)):
+        batch = {k: v.to(device) for k, v in method.collate([method.train_layout(ex, stage) for ex in examples],
+                                                            tokenizer.pad_token_id).items()}
+        tokens = batch["input_ids"].numel()
+        rows: dict = {"tokens": tokens, "supervised_tokens": batch["supervised"].numel()}
+        for name, loss_fn in step_losses(model, method, batch, stage).items():
+            reset_peak_memory(device)
+            seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast), device, s.warmup,
+                                              s.repeats))
+            rows[name] = {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds,
+                          "peak_memory_mb": peak_memory_mb(device), "mfu": mfu(n_params, tokens / seconds, device)}
+        out[stage.name] = rows
+    model.eval()
+    with torch.no_grad(), autocast:
+        out["masked_vs_separate"] = bench_masked_pass(model, method, examples, s, device)
+    return out
+
+
+def step_losses(model, method, batch: dict[str, torch.Tensor], stage: StageConfig
+                ) -> dict[str, Callable[[], torch.Tensor]]:
+    """The compared losses of one batch: the plain HF step, and RiM's real step with full or supervised logits."""
+    weights = stage_weights(batch, stage, 0.5)
+    return {"plain": lambda: plain_loss(model, batch),
+            "rim_full": lambda: step_loss(method, model, batch, weights, supervised_logits=False),
+            "rim_supervised": lambda: step_loss(method, model, batch, weights)}
+
+
+def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, autocast) -> None:
+    """Forward (under ``autocast``), backward and an optimizer step."""
+    with autocast:
+        loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mfu(n_params: int, tokens_per_s: float, device: torch.device) -> float | None:
+    """Model FLOP utilisation, 6 N FLOPs per token over the device's dense bf16 peak (None where it is unknown).
+
+    6 N counts the weight gradients too; under LoRA the frozen weights have none, so the work done is nearer 4 N.
+    """
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return None if peak is None else 6 * n_params * tokens_per_s / peak
+
+
+def bench_masked_pass(model, method, examples: list[TokenizedExample], s: BenchSettings, device: torch.device
+                      ) -> dict:
+    """Logits of all K answer readouts: one pass under the RiM mask against K causal passes over
+    ``question + k blocks + answer`` (what K separate readouts cost), both with logits at the labels only."""
+    stage = StageConfig(name="refinement", kind="refinement", steps=1, blocks=s.blocks)
+    layouts = [method.train_layout(ex, stage) for ex in examples]
+    masked = {k: v.to(device) for k, v in method.collate(layouts, 0).items()}
+    separate = []
+    for k in range(1, s.blocks + 1):
+        single = [build_layout(ex.question, [method.block * k], [Readout(ex.answer)], method.eos_id)
+                  for ex in examples]
+        separate.append({key: v.to(device) for key, v in collate(single, 0).items()})
+
+    def one_pass() -> None:
+        masked_forward(model, masked, keep=masked["supervised"])
+
+    def k_passes() -> None:
+        for b in separate:
+            with logits_at(model, b["supervised"]):
+                model(input_ids=b["input_ids"], use_cache=False)
+
+    one = timed(one_pass, device, s.warmup, s.repeats)
+    many = timed(k_passes, device, s.warmup, s.repeats)
+    return {"one_masked_ms": 1e3 * statistics.median(one), "separate_ms": 1e3 * statistics.median(many),
+            "masked_tokens": masked["input_ids"].numel(), "separate_tokens": sum(b["input_ids"].numel()
+                                                                                 for b in separate)}
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """Every comparison as one number (> 1: the first is slower or, for training, faster)."""
+    out = {}
+    for key, rows in results.get("latency", {}).items():
+        for metric in ("ttft", "latency"):
+            value = {name: row[f"{metric}_ms"] for name, row in rows.items()}
+            out[f"{metric}_rim_over_nocot_{key}"] = value["rim"] / value["nocot"]
+            for other in ("cot", "coconut", "pause"):
+                out[f"{metric}_{other}_over_rim_{key}"] = value[other] / value["rim"]
+    train = results.get("train")
+    if train:
+        for i, stage in enumerate(("grounding", "refinement"), start=1):
+            rows = train[stage]
+            speed = {name: rows[name]["tokens_per_s"] for name in ("plain", "rim_full", "rim_supervised")}
+            out[f"train_stage{i}_rim_over_plain"] = speed["rim_supervised"] / speed["plain"]
+            out[f"train_stage{i}_supervised_over_full"] = speed["rim_supervised"] / speed["rim_full"]
+            out[f"train_stage{i}_full_over_plain"] = speed["rim_full"] / speed["plain"]
+        passes = train["masked_vs_separate"]
+        out["masked_over_separate"] = passes["separate_ms"] / passes["one_masked_ms"]
+    return out
+
+
+def check_targets(values: dict[str, float], shape: str) -> list[dict]:
+    """The issue's targets that apply to this shape, with the measured value and whether it is met."""
+    rows = []
+    for name, op, bound, only in TARGETS:
+        if name in values and only in (None, shape):
+            value = values[name]
+            rows.append({"ratio": name, "target": f"{op} {bound:g}", "value": value,
+                         "met": value <= bound if op == "<=" else value >= bound})
+    return rows
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Where and with what the numbers were measured."""
+    import peft
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists()
+                                                             else []) if line.startswith("model name")]
+        name = names[0] if names else platform.processor() or "cpu"
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"device": name, "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": None if status is None else bool(status), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out_dir: str | Path = "runs/bench",
+              settings: BenchSettings | None = None) -> dict:
+    """Run ``suite`` (latency, train or all) on ``shape``; write JSON and Markdown into ``out_dir``; return it."""
+    if suite not in ("latency", "train", "all"):
+        raise ValueError(f"unknown bench suite {suite!r}; choose latency, train or all")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    s = settings or BenchSettings()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    infer_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    mode = s.train_mode if s.train_mode != "auto" else ("full" if shape == "tiny" else "lora")
+    start = time.perf_counter()
+    model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
+    results: dict = {"suite": suite, "shape": shape, "shape_config": asdict(SHAPES[shape]), "settings": asdict(s),
+                     "environment": environment(dev, infer_dtype)}
+    if suite in ("latency", "all"):
+        results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)
+        model.float()
+    if suite in ("train", "all"):
+        new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
+        results["train"] = bench_train(model, tokenizer, new_ids, s, dev, mode)
+    results["ratios"] = ratios(results)
+    results["targets"] = check_targets(results["ratios"], shape)
+    results["wall_s"] = time.perf_counter() - start
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{shape}-{suite}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    return results
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """The results as Markdown tables: latency, training, ratios and targets, and the environment."""
+    env, lines = results["environment"], []
+    lines += [f"## rim bench {results['suite']}: shape {results['shape']}", "",
+              f"{env['device']} ({env['device_type']}, {env['dtype']} inference), torch {env['torch']}, "
+              f"transformers {env['transformers']}, peft {env['peft']}, commit {(env['commit'] or '?')[:10]}"
+              f"{' + uncommitted changes' if env['uncommitted_changes'] else ''}, {env['cpu_count']} CPUs, "
+              f"load average {_fmt((env['load_average'] or [None])[0])}; {results['wall_s']:.0f} s in all.", ""]
+    for key, rows in results.get("latency", {}).items():
+        lines += [f"Latency at batch {key[1:]} (medians):", "",
+                  "| method | prompt tokens | generated | TTFT ms | latency ms |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['prompt_tokens']} | {r['generated_tokens']} | {_fmt(r['ttft_ms'])} | "
+                  f"{_fmt(r['latency_ms'])} |" for name, r in rows.items()]
+        lines.append("")
+    train = results.get("train")
+    if train:
+        lines += [f"Training step ({train['train_mode']}; {train['trainable_parameters']:,} trainable parameters, "
+                  f"batch {results['settings']['train_batch']}; medians):", "",
+                  "| stage | step | tokens (supervised) | step ms | tokens/s | peak MiB | MFU |",
+                  "|---|---|---|---|---|---|---|"]
+        for stage in ("grounding", "refinement"):
+            rows = train[stage]
+            for name in ("plain", "rim_full", "rim_supervised"):
+                r = rows[name]
+                lines.append(f"| {stage} | {name} | {rows['tokens']} ({rows['supervised_tokens']}) | "
+                             f"{_fmt(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {_fmt(r['peak_memory_mb'], 0)} | "
+                             f"{_fmt(r['mfu'], 3)} |")
+        p = train["masked_vs_separate"]
+        lines += ["", f"All K readouts, forward only: one masked pass ({p['masked_tokens']} tokens) "
+                      f"{_fmt(p['one_masked_ms'])} ms; K separate passes ({p['separate_tokens']} tokens) "
+                      f"{_fmt(p['separate_ms'])} ms.", ""]
+    lines += ["| ratio | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in results["ratios"].items()]
+    if results["targets"]:
+        lines += ["", "| target (GPU) | value | met |", "|---|---|---|"]
+        lines += [f"| {t['ratio']} {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else 'no'} |"
+                  for t in results["targets"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,34 @@
+"""`rim bench` on the tiny shape with minimal repeats: the report's structure and its ratios (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from rim.bench import REASONING_TOKENS, SHAPES, Shape
+from rim.cli import main
+
+
+def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))  # smaller still: a smoke test
+    assert main(["bench", "all", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--batch-sizes", "1,2", "--train-batch", "2", "--question-tokens", "12", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench-tiny-all.json").read_text())
+    assert {"environment", "settings", "shape_config", "latency", "train", "ratios", "targets"} <= set(results)
+    assert {"device", "torch", "transformers", "peft", "commit", "cpu_count", "dtype"} <= set(results["environment"])
+    for key in ("b1", "b2"):
+        rows = results["latency"][key]
+        assert set(rows) == set(REASONING_TOKENS)
+        assert rows["rim"]["prompt_tokens"] == 12 + 8 * 4 and rows["cot"]["generated_tokens"] == 37 + 3
+    for stage in ("grounding", "refinement"):
+        rows = results["train"][stage]
+        assert {"plain", "rim_full", "rim_supervised"} <= set(rows)
+        assert 0 < rows["supervised_tokens"] < rows["tokens"]
+    ratios = results["ratios"]
+    assert {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1", "ttft_coconut_over_rim_b2",
+            "train_stage1_rim_over_plain", "train_stage2_rim_over_plain", "masked_over_separate"} <= set(ratios)
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert {t["ratio"] for t in results["targets"]} == {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1",
+                                                        "ttft_coconut_over_rim_b1", "masked_over_separate"}
+    markdown = (tmp_path / "bench-tiny-all.md").read_text()
+    assert "| ttft_cot_over_rim_b1 |" in markdown and markdown in capsys.readouterr().out

@@ -1,0 +1,144 @@
+"""The fast training path against the simple one: logits only at supervised positions (plain, LoRA, Coconut),
+gradient checkpointing, batches bucketed by length, compiled blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, WORDS, make_tiny
+from rim.config import ConfigError, MethodConfig, StageConfig, load_config
+from rim.core.batch import collate
+from rim.core.layout import Readout, build_layout, grounding_readouts, refinement_readouts
+from rim.data.tasks import Example, RunningSum
+from rim.methods import METHODS, make_method
+from rim.models.adapter import add_tokens, compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
+from rim.models.tiny import tiny_model, word_tokenizer
+from rim.train.loop import LengthBuckets, step_loss, stage_weights
+
+GROUNDING = StageConfig(name="g", kind="grounding", steps=1, block_weight="uniform")
+REFINEMENT = StageConfig(name="r", kind="refinement", steps=1)
+
+
+def rim_batch(mem, stage: StageConfig):
+    """Two examples of different lengths (so one is padded) in the stage's layout."""
+    if stage.kind == "grounding":
+        readouts = [grounding_readouts([[9, 10], [11]], [12, 13]), grounding_readouts([[9], [10], [11, 4]], [12])]
+    else:
+        readouts = [refinement_readouts([12, 13], 3), refinement_readouts([12], 2)]
+    questions = [[4, 5, 6, 7, 8], [5, 6]]
+    return collate([build_layout(q, [mem.block(2)] * len(r), r, eos_id=2) for q, r in zip(questions, readouts)],
+                   pad_id=0)
+
+
+def loss_and_grads(model, method, batch, weights, supervised: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    set_dropout(model, 0.0)  # GPT-2 configs default to dropout 0.1: both passes must be deterministic
+    model.zero_grad()
+    loss = step_loss(method, model, batch, weights, supervised)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_loss_and_grads(model, method, batch, weights) -> None:
+    fast_loss, fast = loss_and_grads(model, method, batch, weights, True)
+    full_loss, full = loss_and_grads(model, method, batch, weights, False)
+    assert torch.allclose(fast_loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert len(fast) == len(full) > 0
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [GROUNDING, REFINEMENT], ids=["grounding", "refinement"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supervised_logits_give_the_loss_and_gradients_of_full_logits(family, mode, stage):
+    model, tok, mem = make_tiny(family)
+    model = make_trainable(model, mem.all, mode, lora_rank=2).train()
+    method = make_method(MethodConfig(name="rim"), tok)
+    batch = rim_batch(mem, stage)
+    weights = stage_weights(batch, stage, 0.4)  # some step readouts already annealed to weight 0
+    assert batch["supervised"].numel() < batch["labels"].numel() / 2
+    assert_same_loss_and_grads(model, method, batch, weights)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coconut_supervised_logits_equal_full_logits_with_and_without_cache(family):
+    from rim.methods.coconut import latent_forward
+
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, seed=0).train()
+    add_tokens(tok, model, METHODS["coconut"].special_tokens)
+    method = make_method(MethodConfig(name="coconut", thoughts_per_step=2, max_latent_steps=2), tok)
+    task = RunningSum(digits=4)
+    examples = [method.tokenize(task, tok, e) for e in (Example("3 7 2 9", ("3", "0", "2", "1"), "1"),
+                                                          Example("5 1", ("5", "6"), "6"))]
+    stage = StageConfig(name="s1", kind="latent", steps=1, latent_steps=1)
+    batch = method.collate([method.train_layout(ex, stage) for ex in examples], tok.pad_token_id)
+    weights = stage_weights(batch, stage, 0.0)
+    assert_same_loss_and_grads(model, method, batch, weights)
+    keep = batch["supervised"]
+    with torch.no_grad():
+        uncached = latent_forward(model, batch, use_cache=False, keep=keep)
+        full = latent_forward(model, batch).flatten(0, 1)[keep]
+    assert torch.allclose(uncached, full, atol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients():
+    model, tok, mem = make_tiny("llama")
+    method = make_method(MethodConfig(name="rim"), tok)
+    batch = rim_batch(mem, GROUNDING)
+    weights = stage_weights(batch, GROUNDING, 0.0)
+    plain_loss, plain = loss_and_grads(model.train(), method, batch, weights, True)
+    enable_gradient_checkpointing(model)
+    assert model.model.gradient_checkpointing
+    loss, grads = loss_and_grads(model, method, batch, weights, True)
+    assert torch.allclose(loss, plain_loss) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain))
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(None, ["method.name=coconut", "stages=[{name: a, kind: latent, steps: 1}]",
+                           "train.gradient_checkpointing=true"])
+
+
+def test_length_buckets_cover_every_example_once_with_less_padding():
+    lengths = [(i * 37) % 101 for i in range(500)]
+    buckets = LengthBuckets(lengths, batch_size=16, seed=3, window=8)
+    first, second = list(buckets), list(buckets)
+    assert len(first) == len(buckets) == 32 and first != second  # a new draw every pass
+    assert sorted(i for b in first for i in b) == list(range(500))
+    assert [len(b) for b in first].count(16) == 31
+    assert first == list(LengthBuckets(lengths, batch_size=16, seed=3, window=8))  # the seed fixes the draws
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(500, generator=torch.Generator().manual_seed(3)).tolist()
+    assert padded(first) < 0.6 * padded([shuffled[i:i + 16] for i in range(0, 500, 16)])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compile_blocks_compiles_each_transformer_block(monkeypatch, mode):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    for family, block in (("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block")):
+        model, _, mem = make_tiny(family, layers=3)
+        assert compile_blocks(make_trainable(model, mem.all, mode, lora_rank=2)) == 3
+        assert compiled[-3:] == [block] * 3
+
+
+def test_training_runs_with_buckets_and_checkpointing(tmp_path):
+    from rim.train.loop import train
+
+    cfg = load_config(None, [
+        "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "data.options={n_train: 48}",
+        "stages=[{name: g, kind: grounding, steps: 2}, {name: r, kind: refinement, steps: 1}]",
+        "train.batch_size=16", "train.progress=false", "train.log_every=1", "train.bucket_by_length=true",
+        "train.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}", "train.device=cpu"])
+    run = train(cfg)
+    assert (run / "checkpoint" / "rim.json").is_file()
+
+
+def test_single_readout_layout_keeps_one_position_per_label():
+    tok = word_tokenizer(WORDS)
+    layout = build_layout([1, 4, 5], [[]], [Readout([6, 7])], eos_id=2)
+    batch = collate([layout, build_layout([1, 4], [[]], [Readout([6])], eos_id=2)], pad_id=tok.pad_token_id)
+    labels = batch["labels"].flatten()[batch["supervised"]]
+    assert labels.tolist() == [6, 7, 2, 6, 2]
