@@ -28,7 +28,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rim.config import load_config
     from rim.train.loop import train
 
-    run_dir = train(load_config(args.config, args.overrides))
+    from rim.train.loop import TrainingStopped
+
+    try:
+        run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
+    except TrainingStopped as err:
+        print(f"rim: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     print(f"run directory: {run_dir}")
 
 
@@ -112,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.grounding.lr=3e-4")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest intact checkpoints/step-N of the run (auto) or from PATH")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run directory")
@@ -179,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RIM_DATA_DIR"] = args.data_dir
     from rim.config import ConfigError
     from rim.data.tasks import DataError
+    from rim.train.state import CheckpointError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -103,7 +103,8 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or no / bf16 / fp16
     log_every: int = 10
     progress: bool = True
-    save_every: int | None = None  # also keep a checkpoint every N optimizer steps (checkpoints/step-N)
+    save_every: int | None = None  # a resumable checkpoint every N optimizer steps (checkpoints/step-N)
+    keep_last: int | None = None  # keep only the newest N of those (None: all, as the paper's protocol needs)
     supervised_logits: bool = True  # logits only where a label is (the vocabulary may be 128k); false: everywhere
     bucket_by_length: bool = False  # batches of examples of similar length (less padding), drawn from the seed
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
@@ -284,6 +285,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.every is None or cfg.eval.select_split is not None, "eval.select_split",
          "set when eval.every is set"),
         (cfg.train.save_every is None or cfg.train.save_every >= 1, "train.save_every", ">= 1"),
+        (cfg.train.keep_last is None or cfg.train.keep_last >= 1, "train.keep_last", ">= 1"),
         (not (cfg.train.gradient_checkpointing and cfg.method.name == "coconut"), "train.gradient_checkpointing",
          "false for coconut (its latent passes need the KV cache, which checkpointing turns off)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),

@@ -15,13 +15,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from rim.config import Config, StageConfig, save_config, to_dict
@@ -34,6 +34,8 @@ from rim.eval.evaluate import evaluate
 from rim.methods.base import Method, TokenizedExample, make_method, method_class
 from rim.models.adapter import compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
 from rim.models.load import build_model
+from rim.train.state import (CheckpointError, Position, config_diff, fsync_tree, latest_valid, load_state,
+                             restore_rng, resumable, save_state, verify, write_manifest)
 
 
 # what a run writes (besides config.yaml, layout.txt and eval*/ results) that a rerun must not mix with its own
@@ -124,34 +126,54 @@ def step_loss(method: Method, model, batch: dict[str, torch.Tensor], weights: to
 
 
 class LengthBuckets(Sampler[list[int]]):
-    """Batches of examples of similar length (less padding), drawn deterministically from ``seed``: each pass
+    """Batches of examples of similar length (less padding), drawn deterministically from (seed, epoch): each pass
     shuffles the examples, sorts every window of ``window`` batches by length, cuts it into batches and shuffles
     the batch order. Only the last batch of a pass can be short, so a pass has as many batches as plain shuffling.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50):
-        self.lengths, self.batch_size, self.window = lengths, batch_size, window
-        self.generator = torch.Generator().manual_seed(seed)
+        self.lengths, self.batch_size, self.window, self.seed, self.epoch = lengths, batch_size, window, seed, 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         span, batches = self.batch_size * self.window, []
         for lo in range(0, len(order), span):
             window = sorted(order[lo:lo + span], key=self.lengths.__getitem__)
             batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+        for i in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[i]
 
 
-class StageData(Dataset):
-    """A stage's training layouts. Static methods lay every example out once; dynamic ones (iCoT-SI) lay it out
-    when it is drawn, at the stage position ``epoch`` that the loop keeps current, with a per-draw seeded RNG."""
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation of the examples per epoch, a pure function of (seed, epoch), so a resumed run draws the
+    same order again. The loop sets ``epoch`` before each pass."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per (run seed, epoch) pair."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+class StageData:
+    """A stage's training layouts. Static methods lay every example out once; dynamic ones (iCoT-SI) lay an example
+    out when it is drawn, at the stage position ``epoch`` (a float), with an RNG seeded by the draw's position."""
 
     def __init__(self, data: list[TokenizedExample], method: Method, stage: StageConfig, seed: int):
-        self.data, self.method, self.stage, self.seed, self.epoch, self.draws = data, method, stage, seed, 0.0, 0
+        self.data, self.method, self.stage, self.seed = data, method, stage, seed
         self.fixed = None if method.dynamic else [method.train_layout(ex, stage) for ex in data]
 
     def __len__(self) -> int:
@@ -163,41 +185,103 @@ class StageData(Dataset):
             return [len(x) for x in self.fixed]
         return [len(self.method.train_layout(ex, self.stage)) for ex in self.data]
 
-    def __getitem__(self, i: int) -> Layout:
+    def layout(self, i: int, epoch: float, pass_index: int) -> Layout:
+        """Example ``i`` laid out at stage position ``epoch`` in pass ``pass_index`` over the data."""
         if self.fixed is not None:
             return self.fixed[i]
-        self.draws += 1
-        rng = random.Random(f"{self.seed}-{self.stage.name}-{self.draws}")
-        return self.method.train_layout(self.data[i], self.stage, self.epoch, rng)
+        rng = random.Random(f"{self.seed}-{self.stage.name}-{pass_index}-{i}")
+        return self.method.train_layout(self.data[i], self.stage, epoch, rng)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before the end; the message says why and how to resume."""
+
+    exit_code = 3
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(TrainingStopped):
+    """SIGTERM or SIGINT arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set ``signum``; the loop checkpoints and stops at the next step."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
-              accelerator, optimizer, log: RunLog, first_step: int, checkpointer: Checkpointer | None = None
-              ) -> tuple[torch.optim.Optimizer, int]:
-    """Train one curriculum stage; returns the optimizer (kept when the next stage does not reset it)."""
-    layouts = StageData(data, method, stage, cfg.train.seed + first_step)
+              accelerator, optimizer, log: RunLog, pos: Position, checkpointer: Checkpointer,
+              stop: StopSignals, resumed: dict | None = None) -> torch.optim.Optimizer:
+    """Train one curriculum stage from ``pos`` (updated as training goes); returns the optimizer (kept when the
+    next stage does not reset it). ``resumed``: the optimizer, scheduler and RNG states of a resumed checkpoint."""
+    from accelerate.utils import send_to_device
+
+    first_step = pos.step - pos.stage_step
     seed = cfg.train.seed + first_step
-    collate_fn = partial(method.collate, pad_id=tokenizer.pad_token_id)
+    layouts = StageData(data, method, stage, seed)
     if cfg.train.bucket_by_length:
-        loader = DataLoader(layouts, batch_sampler=LengthBuckets(layouts.lengths(), cfg.train.batch_size, seed),
-                            collate_fn=collate_fn)
+        sampler = LengthBuckets(layouts.lengths(), cfg.train.batch_size, seed)
+        batching = {"batch_sampler": sampler}
     else:
-        loader = DataLoader(layouts, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
-                            generator=torch.Generator().manual_seed(seed))
-    loader = accelerator.prepare(loader)
+        sampler = EpochShuffle(len(data), seed)
+        batching = {"sampler": sampler, "batch_size": cfg.train.batch_size}
+    loader = accelerator.prepare(DataLoader(range(len(data)), collate_fn=list, **batching,
+                                            generator=torch.Generator().manual_seed(seed)))
     total = stage_length(stage, len(loader), cfg.train.grad_accum)
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
-    if optimizer is None or stage.reset_optimizer:
+    if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
+        if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
+            optimizer.load_state_dict(resumed["optimizer"])  # the moments; the learning rate is set below
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = stage.lr
     scheduler = warmup_constant(optimizer, int(stage.warmup * total))
+    if resumed is not None:
+        if pos.stage_step > 0:
+            scheduler.load_state_dict(resumed["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        restore_rng(resumed["rng"])
     set_dropout(model, stage.dropout)
     model.train()
-    bar = tqdm(total=total, desc=f"{stage.name}", disable=not (cfg.train.progress and accelerator.is_main_process))
-    step, loss_sum, n_loss, tokens, start = 0, torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
+    bar = tqdm(total=total, initial=pos.stage_step, desc=f"{stage.name}",
+               disable=not (cfg.train.progress and accelerator.is_main_process))
+    step, skip, n_loss, tokens = pos.stage_step, pos.batch, 0, 0
+    loss_sum = torch.zeros((), device=accelerator.device)
+    bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss since the last check
+    start = time.perf_counter()
     while step < total:
-        for batch in loader:
+        sampler.epoch = pos.epoch
+        for i, indices in enumerate(loader):
+            if i < skip:
+                continue
+            batch = method.collate([layouts.layout(j, step / steps_per_epoch, pos.epoch) for j in indices],
+                                   tokenizer.pad_token_id)
+            batch = send_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 loss = step_loss(method, model, batch, stage_weights(batch, stage, step / total),
                                  cfg.train.supervised_logits)
@@ -206,35 +290,53 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            bad |= ~torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             n_loss += 1
             tokens += batch["input_ids"].numel()
+            pos.batch = i + 1
+            if pos.batch == len(loader):
+                pos.epoch, pos.batch = pos.epoch + 1, 0
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
-            layouts.epoch = step / steps_per_epoch
+            pos.stage_step, pos.step = step, first_step + step
             bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total:
-                mean_loss = (loss_sum / n_loss).item()  # the only host sync, once per log interval
+            stage_end = step == total
+            if step % cfg.train.log_every == 0 or stage_end or checkpointer.saves_at(pos.step, stage_end) \
+                    or stop.signum:
+                if bool(bad):  # host sync: at log intervals and before anything is saved
+                    raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
+                                        "after the last checkpoint was saved (lower the learning rate, then "
+                                        "`rim train CONFIG --resume auto`)")
+            if step % cfg.train.log_every == 0 or stage_end:
+                mean_loss = (loss_sum / n_loss).item()
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                log.write(event="train", stage=stage.name, step=first_step + step, stage_step=step, loss=mean_loss,
+                log.write(event="train", stage=stage.name, step=pos.step, stage_step=step, loss=mean_loss,
                           lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
-            if checkpointer is not None:
-                checkpointer.on_step(model, first_step + step, stage_end=step == total)
-            if step >= total:
+            if stage_end:  # a checkpoint here resumes at the start of the next stage
+                pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
+            checkpointer.on_step(model, pos, optimizer, scheduler, stage_end)
+            if stop.signum:
+                checkpointer.save(model, pos, optimizer, scheduler)
+                raise Interrupted(f"stopped by signal {stop.signum} after step {pos.step}; checkpoint "
+                                  f"checkpoints/step-{pos.step} written; continue with `--resume auto`", stop.signum)
+            if stage_end:
                 break
+        skip = 0
     bar.close()
-    return optimizer, first_step + total
+    return optimizer
 
 
-def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | None = None) -> None:
-    """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, and ``rim.json``.
+def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | None = None, state=None) -> None:
+    """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, ``rim.json``, optionally
+    the trainer state (``state(folder)`` writes it), and a manifest with every file's hash.
 
-    Written into a temporary sibling folder that then replaces ``path``, so a crash never leaves a half-written
-    checkpoint under the final name. Call on the main process with the unwrapped model.
+    Written into a temporary sibling folder, flushed to disk, then renamed over ``path``, so a crash never leaves a
+    half-written checkpoint under the final name. Call on the main process with the unwrapped model.
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -244,15 +346,43 @@ def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | No
     meta = {"method": cfg.method.name, "memory_tokens": cfg.method.memory_tokens, "blocks": cfg.method.blocks,
             "train_mode": cfg.model.train_mode, "base_model": cfg.model.name, "task": cfg.data.task, **(extra or {})}
     (tmp / "rim.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if state is not None:
+        state(tmp)
+    write_manifest(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator, extra: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator, extra: dict | None = None,
+                    state=None) -> None:
     """``write_checkpoint`` from the main process, after every process has arrived."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra)
+        write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra, state)
+
+
+def load_weights(model, folder: Path) -> None:
+    """Put a checkpoint's trained weights into ``model`` (the adapter of a peft model, else every weight)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors weights")
+    weights = {k: v for f in files for k, v in load_file(f).items()}
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{folder}: adapter weights that the model lacks: {result.unexpected_keys[:3]}")
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name, p in model.state_dict(keep_vars=True).items()
+            if sum(q is p for q in model.state_dict(keep_vars=True).values()) > 1}
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{folder}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {unexpected[:3]})")
 
 
 class Checkpointer:
@@ -268,15 +398,32 @@ class Checkpointer:
             exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
             self.examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in exs]
 
-    def on_step(self, model, step: int, stage_end: bool = False) -> None:
-        """Called after every optimizer step (``step`` counts over all stages)."""
+    def saves_at(self, step: int, stage_end: bool) -> bool:
+        """Whether ``on_step`` writes a checkpoint at this step."""
         every = self.cfg.train.save_every
-        if every and (step % every == 0 or stage_end):
-            save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{step}",
-                            self.accelerator, {"step": step})
+        return bool(every) and (step % every == 0 or stage_end)
+
+    def on_step(self, model, pos: Position, optimizer, scheduler, stage_end: bool = False) -> None:
+        """Called after every optimizer step (``pos.step`` counts over all stages)."""
+        if self.saves_at(pos.step, stage_end):
+            self.save(model, pos, optimizer, scheduler)
         every = self.cfg.eval.every
-        if self.examples and ((every and step % every == 0) or stage_end):
-            self.select(model, step)
+        if self.examples and ((every and pos.step % every == 0) or stage_end):
+            self.select(model, pos.step)
+
+    def save(self, model, pos: Position, optimizer, scheduler) -> None:
+        """A resumable checkpoint ``checkpoints/step-N``; then only the newest ``train.keep_last`` are kept."""
+        config = to_dict(self.cfg)
+
+        def state(folder: Path) -> None:
+            save_state(folder, pos, optimizer, scheduler, self.best, config)
+
+        save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{pos.step}",
+                        self.accelerator, {"step": pos.step}, state)
+        keep = self.cfg.train.keep_last
+        if keep and self.accelerator.is_main_process:
+            for old in resumable(self.run_dir)[keep:]:
+                shutil.rmtree(old)
 
     def select(self, model, step: int) -> None:
         """Score the selection split; keep the checkpoint if it is the best so far."""
@@ -298,22 +445,59 @@ class Checkpointer:
         model.train()
 
 
-def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
-    """Train the configured method; returns the run directory."""
+def resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``auto`` (the newest intact one in the run, None if there is none) or a
+    path; a broken explicit path is an error, a broken newest one falls back to the one before."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_valid(run_dir)
+    folder = Path(resume)
+    verify(folder)
+    return folder
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after ``step`` (an interrupted run's lost tail, which the resumed run redoes)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if json.loads(line).get("step", 0) <= step and json.loads(line).get("event") != "done"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = None) -> Path:
+    """Train the configured method; returns the run directory.
+
+    ``resume``: ``auto`` continues from the newest intact ``checkpoints/step-N`` of the run directory (or starts
+    fresh when there is none), a path continues from that checkpoint. Position, optimizer, scheduler and RNG
+    states come back, so the resumed run takes the same steps as an uninterrupted one. SIGTERM/SIGINT write a
+    checkpoint at the next step boundary and raise ``Interrupted``; a non-finite loss raises ``NonFiniteLoss``.
+    """
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir or cfg.output_dir)
+    start_from = resume_point(run_dir, resume)
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
-    if earlier and not cfg.overwrite:
+    if start_from is None and earlier and not cfg.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
-                              "another output_dir or set overwrite=true")
+                              "another output_dir, set overwrite=true, or continue it with --resume auto")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
+    pos, resumed, best, diff = Position(), None, -1.0, []
+    if start_from is not None:
+        pos, resumed, best, old_config = load_state(start_from)
+        diff = config_diff(old_config, to_dict(cfg))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        for path in earlier:  # overwrite=true: nothing of the earlier run may mix with this one
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if start_from is None:
+            for path in earlier:  # overwrite=true: nothing of the earlier run may mix with this one
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            trim_log(run_dir / "metrics.jsonl", pos.step)
     log = RunLog(run_dir, accelerator.is_main_process)
     task = make_task(cfg.data.task, cfg.data.options)
     model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
@@ -322,6 +506,12 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
         enable_gradient_checkpointing(model)
     model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
                            cfg.model.lora_dropout)
+    if start_from is not None:
+        load_weights(model, start_from)
+        log.write(event="resume", step=pos.step, checkpoint=str(start_from), config_changes=diff)
+        if accelerator.is_main_process:
+            print(f"resuming from {start_from} (step {pos.step})"
+                  + "".join(f"\n  config changed: {line}" for line in diff))
     if cfg.train.compile:
         compile_blocks(model)
     method = make_method(cfg.method, tokenizer)
@@ -331,15 +521,18 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Path:
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision)
     checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log)
-    optimizer, step, views, start = None, 0, [], time.perf_counter()
-    for stage in cfg.stages:
-        views.append(f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
-                     + describe_layout(method.train_layout(data[0], stage), tokenizer, stage,
-                                       cfg.method.readout_sees_question))
-        if accelerator.is_main_process:
-            (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
-        optimizer, step = run_stage(cfg, stage, model, method, data, tokenizer, accelerator, optimizer, log, step,
-                                    checkpointer)
+    checkpointer.best = best
+    views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
+             + describe_layout(method.train_layout(data[0], stage), tokenizer, stage, cfg.method.readout_sees_question)
+             for stage in cfg.stages]
+    if accelerator.is_main_process:
+        (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
+    optimizer, start = None, time.perf_counter()
+    with StopSignals() as stop:
+        while pos.stage < len(cfg.stages):
+            optimizer = run_stage(cfg, cfg.stages[pos.stage], model, method, data, tokenizer, accelerator, optimizer,
+                                  log, pos, checkpointer, stop, resumed)
+            resumed = None
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
-    log.write(event="done", steps=step, train_s=time.perf_counter() - start)
+    log.write(event="done", steps=pos.step, train_s=time.perf_counter() - start)
     return run_dir

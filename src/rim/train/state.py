@@ -1,0 +1,150 @@
+"""What exact resume needs besides the weights: position in the curriculum and the data, optimizer, scheduler,
+RNG states and the best selection score; plus checkpoint integrity (a content hash of every file).
+
+A resumable checkpoint is a ``checkpoints/step-N`` folder: the weights as ``rim train`` always writes them
+(safetensors, or the peft adapter), ``trainer_state.pt`` (tensors and plain data only, read back with
+``torch.load(weights_only=True)``), ``trainer_state.json`` (position, best score, resolved config) and
+``manifest.json`` (SHA-256 of every other file), written last: a folder without a valid manifest is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+STATE_PT, STATE_JSON = "trainer_state.pt", "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated or altered files); the message names it."""
+
+
+@dataclass
+class Position:
+    """Where training stands: stage index, optimizer steps into the stage and overall, epochs completed in the
+    stage and micro-batches consumed in the current epoch."""
+
+    stage: int = 0
+    stage_step: int = 0
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder and the folder itself to disk (before it is renamed into place)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """Hash every file of a checkpoint folder into its manifest."""
+    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1), encoding="utf-8")
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless every file of the manifest is present with its hash."""
+    manifest = folder / MANIFEST
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}: no readable {MANIFEST} ({err}); the checkpoint is incomplete") from None
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if sha256(path) != digest:
+            raise CheckpointError(f"{folder}: {name} does not match its hash (truncated or altered)")
+
+
+def capture_rng() -> dict:
+    """The RNG states a training step draws from (Python, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(folder: Path, position: Position, optimizer, scheduler, best: float, config: dict) -> None:
+    """Write the trainer state files into a checkpoint folder (before its manifest)."""
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": capture_rng()}, folder / STATE_PT)
+    (folder / STATE_JSON).write_text(json.dumps({"position": asdict(position), "best": best, "config": config},
+                                                indent=1), encoding="utf-8")
+
+
+def load_state(folder: Path) -> tuple[Position, dict, float, dict]:
+    """(position, tensors: optimizer/scheduler/rng, best score, config) of a verified checkpoint."""
+    verify(folder)
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
+        return Position(**meta["position"]), tensors, meta["best"], meta["config"]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{folder}: unreadable trainer state ({err})") from None
+
+
+def resumable(run_dir: Path) -> list[Path]:
+    """The run's ``checkpoints/step-N`` folders that hold a trainer state, newest first."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_valid(run_dir: Path, warn=print) -> Path | None:
+    """The newest resumable checkpoint that passes ``verify``; broken ones are reported and skipped."""
+    for folder in resumable(run_dir):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as err:
+            warn(f"rim: skipping a broken checkpoint: {err}")
+    return None
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every field that differs between two config dicts (lists by index)."""
+    out: list[str] = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += config_diff(a, b, f"{prefix}{i}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]

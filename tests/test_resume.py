@@ -1,0 +1,156 @@
+"""Exact resume, checkpoint integrity and faults on the tiny CPU config: a run stopped and resumed equals an
+uninterrupted one (losses and weights), also across the stage switch; broken checkpoints are skipped; SIGTERM
+checkpoints and exits; a non-finite loss stops the run without saving anything after the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rim.config import load_config
+from rim.train import loop
+from rim.train.loop import Checkpointer, NonFiniteLoss, train
+from rim.train.state import CheckpointError, latest_valid, verify
+
+TINY = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "train.progress=false",
+        "train.device=cpu", "train.batch_size=8", "train.log_every=1", "train.save_every=2",
+        "data.options={n_train: 36, n_test: 8, n_valid: 8}"]
+RIM = ["stages=[{name: grounding, kind: grounding, steps: 6, lr: 3e-3, warmup: 0.5},"
+       " {name: refinement, kind: refinement, steps: 5, lr: 1e-3, warmup: 0.6, dropout: 0.2, reset_optimizer: false}]"]
+ICOT = ["method.name=icot", "method.remove_per_epoch=3", "stages=[{name: sft, kind: sft, steps: 9, lr: 3e-3}]"]
+
+
+def config(tmp_path, name, extra):
+    return load_config(None, [*TINY, *extra, f"output_dir={tmp_path / name}"])
+
+
+def losses(run):
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
+
+
+def weights(run):
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def crash_at(monkeypatch, step):
+    """Make training die (like a killed process) right after optimizer step ``step`` has been handled."""
+    original = Checkpointer.on_step
+
+    def on_step(self, model, pos, *args, **kwargs):
+        original(self, model, pos, *args, **kwargs)
+        if pos.step == step:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Checkpointer, "on_step", on_step)
+
+
+def assert_same_run(a, b):
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=1e-5), f"loss differs at step {step}"
+    wa, wb = weights(a), weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("recipe,crash", [(RIM, 5), (RIM, 7), (RIM, 9), (ICOT, 7)],
+                         ids=["grounding", "stage-switch", "refinement", "icot-dynamic"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, recipe, crash):
+    full = train(config(tmp_path, "full", recipe))
+    cfg = config(tmp_path, "cut", recipe)
+    with monkeypatch.context() as m:
+        crash_at(m, crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+    resumed = train(cfg, resume="auto")
+    assert_same_run(full, resumed)
+    events = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [crash - crash % 2]
+
+
+def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "cut", RIM)
+    with monkeypatch.context() as m:
+        crash_at(m, 9)
+        with pytest.raises(RuntimeError):
+            train(cfg)
+    newest = tmp_path / "cut" / "checkpoints" / "step-8"
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated, as by a crash during a copy
+    with pytest.raises(CheckpointError, match="does not match its hash"):
+        verify(newest)
+    warnings = []
+    assert latest_valid(tmp_path / "cut", warnings.append) == tmp_path / "cut" / "checkpoints" / "step-6"
+    assert "step-8" in warnings[0]
+    with pytest.raises(CheckpointError, match="step-8"):
+        train(cfg, resume=str(newest))  # an explicit broken checkpoint is an error, not a silent fallback
+    assert_same_run(train(config(tmp_path, "full", RIM)), train(cfg, resume="auto"))
+
+
+def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, monkeypatch, capsys):
+    cfg = config(tmp_path, "cut", RIM)
+    with monkeypatch.context() as m:
+        crash_at(m, 3)
+        with pytest.raises(RuntimeError):
+            train(cfg)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        train(cfg)
+    changed = load_config(None, [*TINY, *RIM, f"output_dir={tmp_path / 'cut'}", "train.max_grad_norm=0.5"])
+    train(changed, resume="auto")
+    assert "train.max_grad_norm: 1.0 -> 0.5" in capsys.readouterr().out
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    run = train(config(tmp_path, "run", [*RIM, "train.keep_last=2"]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-11"]
+
+
+def test_non_finite_loss_stops_and_saves_nothing_after_it(tmp_path, monkeypatch):
+    original = loop.step_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(loop, "step_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="by step 5"):
+        train(config(tmp_path, "run", RIM))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (run / "checkpoint").exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    overrides = [*TINY, "train.save_every=1000", "stages=[{name: sft, kind: sft, steps: 400, lr: 1e-3}]",
+                 "method.name=nocot", f"output_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "rim.cli", "train", "-", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config_file = tmp_path / "empty.yaml"
+    config_file.write_text("{}\n")
+    cmd[4] = str(config_file)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume auto" in err
+    saved = latest_valid(tmp_path / "run")
+    assert saved is not None and 0 < int(saved.name[5:]) < 400
+    done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(metrics.read_text().splitlines()[-1]) == {**json.loads(metrics.read_text().splitlines()[-1]),
+                                                                "event": "done", "steps": 400}
