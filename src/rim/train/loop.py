@@ -24,14 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from rim.config import Config, StageConfig, save_config, to_dict
+from rim.config import Config, ConfigError, StageConfig, save_config, to_dict
 from rim.core.batch import collate
 from rim.core.curriculum import readout_weights, token_weights, weighted_readout_loss
 from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
-from rim.methods.base import Method, TokenizedExample, make_method, method_class
+from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
 from rim.models.adapter import compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
 from rim.models.load import build_model
 from rim.train.state import (CheckpointError, Position, config_diff, fsync_tree, latest_valid, load_state,
@@ -55,14 +55,24 @@ class RunLog:
 
 
 def make_accelerator(cfg: Config):
-    """An Accelerator on the configured device and precision (bf16 autocast on CUDA by default, fp32 on CPU)."""
-    from accelerate import Accelerator
+    """An Accelerator on the configured device and precision (bf16 autocast on CUDA by default, fp32 on CPU).
+
+    The global batch is ``train.batch_size x train.grad_accum`` examples per optimizer step whatever the number
+    of processes: under ``accelerate launch`` / ``torchrun`` with N processes each accumulates grad_accum / N
+    micro-batches (grad_accum must be a multiple of N).
+    """
+    from accelerate import Accelerator, PartialState
 
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    processes = PartialState(cpu=not cuda).num_processes
+    if cfg.train.grad_accum % processes:
+        raise ConfigError(f"config key 'train.grad_accum' ({cfg.train.grad_accum}) must be a multiple of the "
+                          f"{processes} processes, so that the global batch stays batch_size x grad_accum")
+    return Accelerator(cpu=not cuda, mixed_precision=precision,
+                       gradient_accumulation_steps=cfg.train.grad_accum // processes)
 
 
 def describe_layout(layout: Layout, tokenizer, stage: StageConfig, sees_question: bool = True,
@@ -108,9 +118,9 @@ def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
 
 
 def prepare_data(cfg: Config, task: Task, tokenizer, method: Method) -> list[TokenizedExample]:
-    """The tokenized training examples."""
+    """The tokenized training examples, held to ``data.max_length`` (over-long ones counted in ``task.records``)."""
     examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
-    return [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
+    return tokenize_training(method, task, tokenizer, examples, cfg.data, cfg.stages)
 
 
 def step_loss(method: Method, model, batch: dict[str, torch.Tensor], weights: torch.Tensor,
@@ -306,12 +316,12 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             stage_end = step == total
             if step % cfg.train.log_every == 0 or stage_end or checkpointer.saves_at(pos.step, stage_end) \
                     or stop.signum:
-                if bool(bad):  # host sync: at log intervals and before anything is saved
+                if accelerator.reduce(bad.float(), "sum") > 0:  # host sync at log intervals and before saving
                     raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
                                         "after the last checkpoint was saved (lower the learning rate, then "
                                         "`rim train CONFIG --resume auto`)")
             if step % cfg.train.log_every == 0 or stage_end:
-                mean_loss = (loss_sum / n_loss).item()
+                mean_loss = accelerator.reduce(loss_sum / n_loss, "mean").item()  # over processes too
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log.write(event="train", stage=stage.name, step=pos.step, stage_step=step, loss=mean_loss,
                           lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
@@ -479,12 +489,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir or cfg.output_dir)
+    accelerator = make_accelerator(cfg)
     start_from = resume_point(run_dir, resume)
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
     if start_from is None and earlier and not cfg.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
                               "another output_dir, set overwrite=true, or continue it with --resume auto")
-    accelerator = make_accelerator(cfg)
+    accelerator.wait_for_everyone()  # every process has looked before the main process writes anything
     set_seed(cfg.train.seed)
     pos, resumed, best, diff = Position(), None, -1.0, []
     if start_from is not None:
