@@ -132,13 +132,12 @@ def test_non_finite_loss_stops_and_saves_nothing_after_it(tmp_path, monkeypatch)
 
 
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
-    overrides = [*TINY, "train.save_every=1000", "stages=[{name: sft, kind: sft, steps: 400, lr: 1e-3}]",
-                 "method.name=nocot", f"output_dir={tmp_path / 'run'}"]
-    cmd = [sys.executable, "-m", "rim.cli", "train", "-", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     config_file = tmp_path / "empty.yaml"
     config_file.write_text("{}\n")
-    cmd[4] = str(config_file)
+    cmd = [sys.executable, "-m", "rim.cli", "train", str(config_file), *TINY, "train.save_every=1000",
+           "stages=[{name: sft, kind: sft, steps: 400, lr: 1e-3}]", "method.name=nocot",
+           f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -152,5 +151,27 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     assert saved is not None and 0 < int(saved.name[5:]) < 400
     done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads(metrics.read_text().splitlines()[-1]) == {**json.loads(metrics.read_text().splitlines()[-1]),
-                                                                "event": "done", "steps": 400}
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["event"] == "done" and last["steps"] == 400
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 401))  # the log holds every step once
+
+
+def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path):
+    config_file = tmp_path / "empty.yaml"
+    config_file.write_text("{}\n")
+    cmd = [sys.executable, "-m", "rim.cli", "train", str(config_file), *TINY, "train.save_every=5",
+           "stages=[{name: sft, kind: sft, steps: 300, lr: 1e-3}]", "method.name=nocot",
+           f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and latest_valid(tmp_path / "run", lambda _: None) is None:
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=60)
+    saved = latest_valid(tmp_path / "run", lambda _: None)
+    logged = max(losses(tmp_path / "run"))
+    assert saved is not None and logged - int(saved.name[5:]) < 5 + 5  # the unsaved tail is under an interval
+    done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 301))
