@@ -122,7 +122,7 @@ def test_jsonl_loader_reads_and_names_bad_lines(tmp_path):
         "{not json": "line 2: not valid JSON",
         json.dumps({"question": "q", "steps": []}): "line 2: missing field 'answer'",
         json.dumps({"question": "q", "steps": "1 2", "answer": "3"}): "line 2: field 'steps' has type str",
-        json.dumps({"question": "q", "steps": ["1", ""], "answer": "3"}): "line 2: every step must be a non-empty",
+        json.dumps({"question": "q", "steps": ["1", ""], "answer": "3"}): "line 2: every item of .steps. must be",
         json.dumps([1, 2]): "line 2: expected a JSON object",
         json.dumps({"question": " ", "steps": [], "answer": "3"}): "line 2: empty question",
     }

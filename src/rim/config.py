@@ -52,6 +52,11 @@ class DataConfig:
     max_train: int | None = None  # use only the first N training examples
     max_eval: int | None = None
     prompt_format: str = "plain"  # plain: the question text; chat: the tokenizer's chat template, one user turn
+    on_error: str = "strict"  # a malformed record: strict stops with its file, line and reason; skip drops it,
+    # counts it by reason (task.records.skipped) and warns (rim.data.records)
+    max_length: int | None = None  # longest training sequence in tokens (any stage's layout); None: no limit
+    too_long: str = "skip"  # a training example over max_length: skip (dropped and counted) or truncate (the
+    # question's leading words are cut until it fits; steps and answer stay whole)
 
 
 @dataclass
@@ -240,7 +245,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
-    from rim.methods.base import METHODS, method_class
+    from rim.core.curriculum import BLOCK_SCHEDULES, STEP_SCHEDULES
+    from rim.data.records import ON_ERROR
+    from rim.methods.base import METHODS, TOO_LONG, method_class
 
     method_class("rim")  # registers the built-in methods
     kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
@@ -255,11 +262,23 @@ def validate(cfg: Config) -> None:
         (cfg.method.remove_per_epoch >= 0, "method.remove_per_epoch", ">= 0"),
         (cfg.method.remove_smoothing is None or cfg.method.remove_smoothing > 0, "method.remove_smoothing", "> 0"),
         (cfg.data.prompt_format in ("plain", "chat"), "data.prompt_format", "plain or chat"),
+        (cfg.data.on_error in ON_ERROR, "data.on_error", " or ".join(ON_ERROR)),
+        (cfg.data.too_long in TOO_LONG, "data.too_long", " or ".join(TOO_LONG)),
+        (cfg.data.max_length is None or cfg.data.max_length >= 1, "data.max_length", ">= 1"),
+        (cfg.data.max_train is None or cfg.data.max_train >= 1, "data.max_train", ">= 1"),
+        (cfg.data.max_eval is None or cfg.data.max_eval >= 1, "data.max_eval", ">= 1"),
         (cfg.method.blocks >= 1, "method.blocks", ">= 1"),
         (cfg.model.train_mode in ("auto", "lora", "full"), "model.train_mode", "auto, lora or full"),
         (cfg.model.lora_rank >= 1, "model.lora_rank", ">= 1"),
+        (cfg.model.lora_alpha is None or cfg.model.lora_alpha > 0, "model.lora_alpha", "> 0"),
+        (0 <= cfg.model.lora_dropout < 1, "model.lora_dropout", "in [0, 1)"),
+        (cfg.model.tiny_family in ("llama", "gpt2"), "model.tiny_family", "llama or gpt2"),
+        (min(cfg.model.tiny_layers, cfg.model.tiny_hidden, cfg.model.tiny_heads) >= 1,
+         "model.tiny_layers/tiny_hidden/tiny_heads", ">= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0 (0: no clipping)"),
+        (cfg.train.log_every >= 1, "train.log_every", ">= 1"),
         (cfg.train.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "auto, no, bf16 or fp16"),
         (not (cfg.model.name == "tiny" and cfg.model.train_mode == "lora"), "model.train_mode",
          "'full' for model.name=tiny (a randomly initialised model is trained from scratch)"),
@@ -270,7 +289,12 @@ def validate(cfg: Config) -> None:
             (stage.kind in ("grounding", "refinement", "latent", "sft"), f"{key}.kind",
              "grounding, refinement, latent or sft"),
             ((stage.epochs is None) != (stage.steps is None), f"{key}.epochs/steps", "exactly one of the two set"),
+            (stage.epochs is None or stage.epochs > 0, f"{key}.epochs", "> 0"),
+            (stage.steps is None or stage.steps >= 1, f"{key}.steps", ">= 1"),
             (stage.lr > 0, f"{key}.lr", "> 0"),
+            (stage.weight_decay >= 0, f"{key}.weight_decay", ">= 0"),
+            (stage.step_weight in STEP_SCHEDULES, f"{key}.step_weight", " or ".join(STEP_SCHEDULES)),
+            (stage.block_weight in BLOCK_SCHEDULES, f"{key}.block_weight", ", ".join(BLOCK_SCHEDULES)),
             (0 <= stage.warmup < 1, f"{key}.warmup", "in [0, 1)"),
             (0 <= stage.dropout < 1, f"{key}.dropout", "in [0, 1)"),
             (0 < stage.anneal_end <= 1, f"{key}.anneal_end", "in (0, 1]"),
@@ -289,6 +313,9 @@ def validate(cfg: Config) -> None:
         (not (cfg.train.gradient_checkpointing and cfg.method.name == "coconut"), "train.gradient_checkpointing",
          "false for coconut (its latent passes need the KV cache, which checkpointing turns off)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1"),
+        (cfg.eval.blocks is None or cfg.eval.blocks >= 1, "eval.blocks", ">= 1"),
+        (cfg.eval.latency_examples >= 0, "eval.latency_examples", ">= 0"),
     ]
     for ok, key, want in checks:
         if not ok:

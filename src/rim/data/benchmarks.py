@@ -9,21 +9,24 @@ of GSM8K-Aug::
     "Natalia sold 48/2 = <<48/2=24>>24 clips ... 48+24 = <<48+24=72>>72 clips ... #### 72"
     -> steps ("<<48/2=24>>", "<<48+24=72>>"), answer "72"
 
-Numeric answers are compared as numbers (``1,000`` == ``1000.0``).
+Numeric answers are compared as numbers (``1,000`` == ``1000.0``); a gold answer that is not a number is a bad
+record (``rim.data.records``: the task's ``data.on_error`` policy stops or skips it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from pathlib import Path
 
-from rim.data.tasks import COT_SEPARATOR, DataError, Example, Task
+from rim.data.records import DataError, field, parse_json, read_json_file, string_list
+from rim.data.tasks import COT_SEPARATOR, Example, Task
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+# a whole answer must be one plain number once commas are dropped: "18", "-3", "2.5", ".5"
+_ANSWER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
 def data_file(data_dir: str | None, relative: str) -> Path:
@@ -55,7 +58,28 @@ def parse_number(text: str) -> float | None:
 
 def format_number(value: float) -> str:
     """``18.0`` -> ``"18"``, ``2.5`` -> ``"2.5"``: the answer text a model is trained to produce."""
+    if isinstance(value, int):  # exact, and no float overflow for very large integers
+        return str(value)
     return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def normalise_answer(answer: object, where: str, key: str = "answer") -> str:
+    """A numeric gold answer as text: a string stripped with commas dropped, a JSON number formatted; anything else
+    (text that is not one plain number, NaN, infinity, another type) raises DataError.
+
+    >>> normalise_answer(" 1,000 ", "x"), normalise_answer(18, "x"), normalise_answer(2.5, "x")
+    ('1000', '18', '2.5')
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: field {key!r} has type {type(answer).__name__}", "wrong type")
+    if isinstance(answer, str):
+        text = answer.strip().replace(",", "")
+        if not _ANSWER.fullmatch(text):
+            raise DataError(f"{where}: {key} {answer.strip()!r} is not a number", "not a number")
+        return text
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise DataError(f"{where}: {key} {answer!r} is not a number", "not a number")
+    return format_number(answer)
 
 
 def gsm8k_steps(solution: str) -> tuple[str, ...]:
@@ -64,50 +88,38 @@ def gsm8k_steps(solution: str) -> tuple[str, ...]:
 
 
 def parse_gsm8k_record(line: str, where: str) -> Example:
-    """One line of the original GSM8K JSONL."""
-    try:
-        rec = json.loads(line)
-        question, solution = rec["question"], rec["answer"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{where}: not a GSM8K record ({err})") from None
+    """One line of the original GSM8K JSONL: ``{"question", "answer": "<solution> #### N"}``."""
+    rec = parse_json(line, where)
+    question, solution = field(rec, "question", where), field(rec, "answer", where)
     if "####" not in solution:
-        raise DataError(f"{where}: the answer has no '####' final answer")
-    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
-    if parse_number(answer) is None:
-        raise DataError(f"{where}: final answer {answer!r} is not a number")
+        raise DataError(f"{where}: the answer has no '####' final answer", "bad format")
+    answer = normalise_answer(solution.rsplit("####", 1)[1], where, "final answer")
     return Example(question.strip(), gsm8k_steps(solution), answer)
 
 
 def parse_icot_line(line: str, where: str) -> Example:
-    """One iCoT text line ``question||step step ... #### answer`` (steps split on whitespace, as Coconut does)."""
-    if "||" not in line or "####" not in line:
-        raise DataError(f"{where}: expected 'question||steps #### answer'")
+    """One iCoT text line of a math problem, ``question||step step ... #### answer`` (steps split on whitespace, as
+    Coconut does); the answer must be a number."""
+    if "||" not in line or "####" not in line.split("||", 1)[1]:
+        raise DataError(f"{where}: expected 'question||steps #### answer'", "bad format")
     question, rest = line.split("||", 1)
     cot, answer = rest.rsplit("####", 1)
     if not question.strip() or not answer.strip():
-        raise DataError(f"{where}: empty question or answer")
-    return Example(question.strip(), tuple(cot.split()), answer.strip().replace(",", ""))
-
-
-def read_lines(path: Path, parse) -> list[Example]:
-    """Parse every non-empty line of a text file; errors name the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                out.append(parse(line.rstrip("\n"), f"{path}, line {number}"))
-    return out
+        raise DataError(f"{where}: empty question or answer", "empty")
+    return Example(question.strip(), tuple(cot.split()), normalise_answer(answer, where))
 
 
 def read_json_list(path: Path) -> list:
-    """A JSON file holding one list."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    """A JSON file holding one list (a whole-file problem raises DataError under any policy)."""
+    data = read_json_file(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list")
+        raise DataError(f"{path}: expected a JSON list, got {type(data).__name__}", "wrong type")
     return data
+
+
+def json_records(path: Path) -> list[tuple[str, object]]:
+    """``(where, record)`` for every record of a JSON list file; ``where`` is ``"<path>, record <i>"``."""
+    return [(f"{path}, record {i}", rec) for i, rec in enumerate(read_json_list(path))]
 
 
 class NumericTask(Task):
@@ -143,7 +155,7 @@ class GSM8K(NumericTask):
         if split not in self.FILES:
             raise ValueError(f"gsm8k has splits {[*self.FILES, 'train_no_valid']}, not {split!r}")
         path = self.file(self.FILES[split])
-        return read_lines(path, parse_icot_line if path.suffix == ".txt" else parse_gsm8k_record)
+        return self.records.lines(path, parse_icot_line if path.suffix == ".txt" else parse_gsm8k_record)
 
 
 class GSMHard(NumericTask):
@@ -155,15 +167,15 @@ class GSMHard(NumericTask):
     def load(self, split: str) -> list[Example]:
         if split != "test":
             raise ValueError(f"{self.name} has only a test split, not {split!r}")
-        return read_lines(self.file(self.test_file), self._parse)
+        return self.records.lines(self.file(self.test_file), self._parse)
 
     @staticmethod
     def _parse(line: str, where: str) -> Example:
-        try:
-            rec = json.loads(line)
-            return Example(rec["input"].strip(), (), format_number(float(rec["target"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(f"{where}: not a PAL record with 'input' and 'target' ({err})") from None
+        """One PAL record, ``{"input": question, "target": number}``."""
+        rec = parse_json(line, where)
+        question = field(rec, "input", where)
+        return Example(question.strip(), (), normalise_answer(field(rec, "target", where, (int, float, str)), where,
+                                                               "target"))
 
 
 class MultiArith(GSMHard):
@@ -182,14 +194,13 @@ class SVAMP(NumericTask):
         if split != "test":
             raise ValueError(f"svamp has only a test split, not {split!r}")
         path = self.file("svamp/SVAMP.json")
-        out = []
-        for i, rec in enumerate(read_json_list(path)):
-            try:
-                question = f"{rec['Body'].strip()} {rec['Question'].strip()}"
-                out.append(Example(question, (), format_number(float(rec["Answer"]))))
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                raise DataError(f"{path}, item {i}: not a SVAMP record ({err})") from None
-        return out
+        return self.records.collect(str(path), json_records(path), self._parse)
+
+    @staticmethod
+    def _parse(rec: object, where: str) -> Example:
+        """One SVAMP record: ``Body`` and ``Question`` make the question, ``Answer`` is a number."""
+        question = f"{field(rec, 'Body', where).strip()} {field(rec, 'Question', where).strip()}"
+        return Example(question, (), normalise_answer(field(rec, "Answer", where, (int, float, str)), where, "Answer"))
 
 
 class CoconutLogic(Task):
@@ -218,14 +229,14 @@ class CoconutLogic(Task):
         if split not in ("valid", "test"):
             raise ValueError(f"{self.name} has splits train (generated), valid and test, not {split!r}")
         path = data_file(self.data_dir, f"{self.folder}/{self.folder}_{split}.json")
-        out = []
-        for i, rec in enumerate(read_json_list(path)):
-            try:
-                out.append(Example(rec["question"].strip(), tuple(s.strip() for s in rec["steps"]),
-                                   rec["answer"].strip()))
-            except (KeyError, TypeError, AttributeError) as err:
-                raise DataError(f"{path}, item {i}: not a Coconut record ({err})") from None
-        return out
+        return self.records.collect(str(path), json_records(path), self._parse)
+
+    @staticmethod
+    def _parse(rec: object, where: str) -> Example:
+        """One Coconut record: ``question`` and ``answer`` text, ``steps`` a list of text."""
+        question = field(rec, "question", where)
+        steps = string_list(field(rec, "steps", where, list), "steps", where)
+        return Example(question.strip(), tuple(s.strip() for s in steps), field(rec, "answer", where).strip())
 
     def cot_text(self, ex: Example) -> str:
         return " " + " ".join(ex.steps) + f" {COT_SEPARATOR} " + ex.answer

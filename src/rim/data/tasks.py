@@ -12,14 +12,20 @@ Built in:
   prosqa, prontoqa;
 - ``jsonl``: your own data, one JSON object per line with ``question`` (str), ``steps`` (list of str) and
   ``answer`` (str); malformed lines fail with the file, line and reason.
+
+Bad records (``rim.data.records``): every file loader reads through its task's ``records``, whose policy
+(``data.on_error``, given to ``make_task``) stops at the first bad record (``strict``) or skips and counts them
+(``skip``; ``task.records.skipped``).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+from rim.data.records import DataError, Records, field, parse_json, string_list
 
 COT_SEPARATOR = "####"
 
@@ -33,10 +39,6 @@ class Example:
     answer: str
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
-
-
 class Task:
     """Base task: plain-text readouts, CoT as ``steps #### answer``, exact-match correctness."""
 
@@ -46,6 +48,11 @@ class Task:
 
     def load(self, split: str) -> list[Example]:
         raise NotImplementedError
+
+    @cached_property
+    def records(self) -> Records:
+        """The policy for bad records (``strict`` unless ``make_task`` got ``on_error``) and what it skipped."""
+        return Records()
 
     def vocabulary(self) -> list[str]:
         """Every whitespace-separated word of the task's texts (for a word-level tokenizer trained from scratch)."""
@@ -126,36 +133,18 @@ class RunningSum(Task):
         return [str(d) for d in range(self.modulus)] + [COT_SEPARATOR]
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read ``{"question", "steps", "answer"}`` lines; a malformed line raises DataError naming file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            out.append(_parse_record(line, f"{path}, line {line_no}"))
-    if not out:
-        raise DataError(f"{path}: no examples")
-    return out
+def read_jsonl(path: str | Path, records: Records | None = None) -> list[Example]:
+    """Read ``{"question", "steps", "answer"}`` lines; a malformed line raises DataError naming file and line (or is
+    skipped and counted, under ``records``' policy)."""
+    return (records or Records()).lines(path, _parse_record)
 
 
 def _parse_record(line: str, where: str) -> Example:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    for key, kind in (("question", str), ("answer", (str, int, float)), ("steps", list)):
-        if key not in rec:
-            raise DataError(f"{where}: missing field {key!r}")
-        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
-            raise DataError(f"{where}: field {key!r} has type {type(rec[key]).__name__}")
-    if not all(isinstance(s, str) and s.strip() for s in rec["steps"]):
-        raise DataError(f"{where}: every step must be a non-empty string")
-    if not rec["question"].strip():
-        raise DataError(f"{where}: empty question")
-    return Example(rec["question"], tuple(rec["steps"]), str(rec["answer"]))
+    rec = parse_json(line, where)
+    question = field(rec, "question", where)
+    steps = string_list(field(rec, "steps", where, list), "steps", where)
+    answer = field(rec, "answer", where, (str, int, float))
+    return Example(question, tuple(steps), str(answer))
 
 
 class JsonlTask(Task):
@@ -169,11 +158,12 @@ class JsonlTask(Task):
     def load(self, split: str) -> list[Example]:
         if split not in self.files:
             raise ValueError(f"no file for split {split!r}; data.files has {sorted(self.files)}")
-        return read_jsonl(self.files[split])
+        return read_jsonl(self.files[split], self.records)
 
 
-def make_task(name: str, options: dict) -> Task:
-    """Build a task by name from its options (``data.options`` in the config)."""
+def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
+    """Build a task by name from its options (``data.options`` in the config); ``on_error`` (``data.on_error``) is
+    what its loaders do with a bad record: ``strict`` raises, ``skip`` drops and counts it (``task.records``)."""
     from rim.data.benchmarks import BENCHMARKS
     from rim.data.gsm8k_aug import GSM8KAug
     from rim.data.multiplication import Multiplication
@@ -183,6 +173,8 @@ def make_task(name: str, options: dict) -> Task:
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
     try:
-        return tasks[name](**options)
+        task = tasks[name](**options)
     except TypeError as err:
         raise ValueError(f"bad options for task {name!r}: {err}") from None
+    task.records = Records(on_error)
+    return task

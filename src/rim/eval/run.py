@@ -37,11 +37,12 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     if not (ckpt / "rim.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no finished checkpoint (rim.json missing); did `rim train` complete?")
     cfg = load_config(run_dir / "config.yaml")
-    task = make_task(cfg.data.task, cfg.data.options)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
+    remote = cfg.model.trust_remote_code  # as in training: a checkpoint's own code runs only if the user said so
+    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=remote)
     ensure_pad_token(tokenizer)
     if cfg.model.train_mode == "full":
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=remote,
                                                      attn_implementation=cfg.model.attn_implementation)
     else:
         from peft import PeftModel

@@ -9,13 +9,17 @@ method is one small module with a ``Method`` subclass decorated with ``@register
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from rim.config import MethodConfig, StageConfig
+from rim.config import DataConfig, MethodConfig, StageConfig
 from rim.core.batch import collate
 from rim.core.layout import Layout
+from rim.data.records import DataError
 from rim.data.tasks import COT_SEPARATOR, Example, Task
 from rim.infer.generate import Generation, greedy_generate
 from rim.models.adapter import masked_forward, token_ids
@@ -139,3 +143,67 @@ def method_class(name: str) -> type[Method]:
 def make_method(cfg: MethodConfig, tokenizer) -> Method:
     """The method plug-in named by ``cfg.name``, with its special tokens looked up in ``tokenizer``."""
     return method_class(cfg.name)(cfg, tokenizer)
+
+
+TOO_LONG = ("skip", "truncate")  # data.too_long: what becomes of a training example over data.max_length
+
+
+def tokenize_training(method: Method, task: Task, tokenizer, examples: list[Example], data: DataConfig,
+                      stages: list[StageConfig]) -> list[TokenizedExample]:
+    """Tokenize training examples, held to ``data.max_length`` tokens (their longest layout over ``stages``).
+
+    An example over the limit is dropped (``too_long: skip``, the default: nothing is trained on a cut answer) or
+    loses its question's leading words until it fits (``truncate``: steps and answer, which carry the supervision,
+    stay whole; one that does not fit with a single question word left is dropped). Drops are counted in
+    ``task.records.skipped``, truncations in ``task.records.truncated``, and both are warned about.
+    """
+    out = [method.tokenize(task, tokenizer, ex, data.prompt_format) for ex in examples]
+    if data.max_length is None:
+        return out
+    kept, dropped, truncated = [], [], 0
+    for i, ex in enumerate(out):
+        length = training_length(method, ex, stages)
+        if length <= data.max_length:
+            kept.append(ex)
+            continue
+        cut = None
+        if data.too_long == "truncate":
+            cut = truncate_question(method, task, tokenizer, ex, data.max_length, stages, data.prompt_format)
+        if cut is None:
+            dropped.append(f"example {i} ({length} tokens)")
+        else:
+            kept.append(cut)
+            truncated += 1
+    source = f"{data.train_split} split (data.max_length={data.max_length})"
+    if dropped:
+        task.records.skip(source, Counter({"too long": len(dropped)}), dropped[:3])
+    if truncated:
+        task.records.truncated[source] = truncated
+        warnings.warn(f"{source}: cut the questions of {truncated} examples from the left to fit",
+                      stacklevel=2)
+    if not kept:
+        raise DataError(f"{source}: every training example is longer than data.max_length", "too long")
+    return kept
+
+
+def training_length(method: Method, ex: TokenizedExample, stages: list[StageConfig]) -> int:
+    """Tokens of an example's longest training sequence over ``stages`` (a dynamic method's at the start of a
+    stage, where it is longest)."""
+    return max(len(method.train_layout(ex, stage)) for stage in stages)
+
+
+def truncate_question(method: Method, task: Task, tokenizer, ex: TokenizedExample, max_length: int,
+                      stages: list[StageConfig], prompt_format: str = "plain") -> TokenizedExample | None:
+    """``ex`` retokenized with the fewest leading words of its question cut that fits ``max_length`` (binary
+    search over the words), or None if even the last word alone is too long."""
+    question = ex.example.question
+    starts = [m.start() for m in re.finditer(r"\S+", question)]
+    best, lo, hi = None, 1, len(starts) - 1  # cut before word lo..hi; cutting before word 0 cuts nothing
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        cut = method.tokenize(task, tokenizer, replace(ex.example, question=question[starts[mid]:]), prompt_format)
+        if training_length(method, cut, stages) <= max_length:
+            best, hi = cut, mid - 1
+        else:
+            lo = mid + 1
+    return best

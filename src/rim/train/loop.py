@@ -510,7 +510,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
         else:
             trim_log(run_dir / "metrics.jsonl", pos.step)
     log = RunLog(run_dir, accelerator.is_main_process)
-    task = make_task(cfg.data.task, cfg.data.options)
+    task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
                                                method_class(cfg.method.name).special_tokens)
     if cfg.train.gradient_checkpointing:
@@ -527,6 +527,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
         compile_blocks(model)
     method = make_method(cfg.method, tokenizer)
     data = prepare_data(cfg, task, tokenizer, method)
+    if task.records.total_skipped() or task.records.truncated:
+        log.write(event="data", skipped=task.records.skipped, skipped_total=task.records.total_skipped(),
+                  truncated=task.records.truncated)
     model = accelerator.prepare(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
