@@ -64,7 +64,7 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     from rim.train.loop import describe_layout
 
     cfg = load_config(args.config, args.overrides)
-    task = make_task(cfg.data.task, cfg.data.options)
+    task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     _, tokenizer, _ = build_model(cfg.model, task, tokens=method_class(cfg.method.name).special_tokens)
     method = make_method(cfg.method, tokenizer)
     example = method.tokenize(task, tokenizer, task.load(cfg.data.train_split)[args.index], cfg.data.prompt_format)
@@ -98,6 +98,45 @@ def cmd_bench(args: argparse.Namespace) -> None:
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
+
+
+def cmd_answer(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rim.config import ConfigError
+    from rim.serve import answer, open_run, read_questions
+
+    if (args.question is None) == (args.file is None):
+        raise ConfigError("give one QUESTION, or --file F (- for standard input), not both")
+    if args.file is None and args.question != "-":
+        lines = [args.question]
+    elif (args.file or "-") == "-":
+        lines = sys.stdin  # read as it comes: each answer is printed before the next question is read
+    else:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    served = open_run(args.run, args.checkpoint, args.device, args.blocks, args.max_new_tokens)
+    for record in answer(served, read_questions(lines), args.block_readouts):
+        print(json.dumps(record), flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rim.serve import export_run
+
+    print(f"exported: {export_run(args.run, args.out, args.checkpoint, args.blocks, args.max_new_tokens)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from rim.plots import plot_run
+
+    for path in plot_run(args.run, args.split, args.max_eval, args.checkpoint, args.device, args.max_blocks):
+        print(f"written: {path}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from rim.analyze import analyze_run, summary
+
+    print(summary(analyze_run(args.run, args.checkpoints, args.probe_split, args.score_split, args.max, args.device,
+                              args.l2)), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,12 +203,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-tokens", type=int, default=100)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("answer", help="answer questions with a trained run; one JSON line per question")
+    p.add_argument("run", help="run directory written by `rim train`")
+    p.add_argument("question", nargs="?", default=None, help="the question (- : one question a line on stdin)")
+    p.add_argument("--file", default=None, metavar="F",
+                   help="questions one a line (text, or JSON with a 'question' field); - for standard input")
+    p.add_argument("--blocks", type=int, default=None, help="K, memory blocks at inference (default: trained K)")
+    p.add_argument("--block-readouts", action="store_true",
+                   help="also the answer read out after each block k = 1..K (methods with memory blocks)")
+    p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget (default: the task's answer budget; CoT-style: plus the longest "
+                        "reasoning of the evaluation split)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("export", help="write a run as a standard Hugging Face checkpoint with a model card")
+    p.add_argument("run", help="run directory written by `rim train`")
+    p.add_argument("out", help="new folder for the exported model")
+    p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
+    p.add_argument("--blocks", type=int, default=None, help="K in the model card and rim.json (default: trained K)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="max_new_tokens of generation_config.json (default: as for rim answer)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.add_argument("--index", type=int, default=0, help="which training example (default: 0)")
     p.add_argument("--progress", type=float, default=0.0, help="stage progress in [0, 1] for the λ weights")
     p.set_defaults(func=cmd_show_layout)
+    p = sub.add_parser("plot", help="plots of a run into RUN/plots: loss, accuracy vs K, per-block accuracy")
+    p.add_argument("run", help="run directory written by `rim train`")
+    p.add_argument("--split", default=None, help="split for the accuracy plots (default: data.eval_split of the run)")
+    p.add_argument("--max-eval", type=int, default=None, help="score only the first N problems")
+    p.add_argument("--max-blocks", type=int, default=16, help="largest K in accuracy vs K (default: 16)")
+    p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("analyze", help="PCA of block states across checkpoints; per-block correctness probes")
+    p.add_argument("run", help="run directory written by `rim train`")
+    p.add_argument("--checkpoints", default="all",
+                   help="all (init, every checkpoints/step-N, checkpoint) or a comma-separated list; the probes use "
+                        "the last one")
+    p.add_argument("--probe-split", default="valid", help="split the probes are fitted on (default: valid)")
+    p.add_argument("--score-split", default="test", help="split the probes are scored on (default: test)")
+    p.add_argument("--max", type=int, default=None, help="at most N problems of each split")
+    p.add_argument("--l2", type=float, default=0.1, help="L2 penalty of the logistic-regression probes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
