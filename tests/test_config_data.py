@@ -98,6 +98,8 @@ def test_running_sum_task():
     digits = [int(d) for d in ex.question.split()]
     assert [int(s) for s in ex.steps] == [sum(digits[:t]) % 10 for t in range(1, 5)] and ex.answer == ex.steps[-1]
     assert not {e.question for e in train} & {e.question for e in test + task.load("valid")}
+    small = RunningSum(digits=2, n_train=20, n_test=40, n_valid=40)  # 100 questions: overlap is likely by chance
+    assert not {e.question for e in small.load("valid")} & {e.question for e in small.load("test")}
     assert task.load("test") == test  # deterministic
     assert task.extract_answer(" 3 0 2 #### 7", cot=True) == "7" and task.extract_answer(" 3 0", cot=True) == ""
 

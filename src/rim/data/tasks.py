@@ -111,8 +111,9 @@ class RunningSum(Task):
     def load(self, split: str) -> list[Example]:
         if split not in self.sizes:
             raise ValueError(f"running-sum has splits {list(self.sizes)}, not {split!r}")
-        # test and valid problems never appear in train: they are drawn first and excluded from it
-        held_out = {s: self._draw(s, self.sizes[s]) for s in ("test", "valid")}
+        # test problems never appear in valid, and neither in train: drawn first and excluded from what follows
+        test = self._draw("test", self.sizes["test"])
+        held_out = {"test": test, "valid": self._draw("valid", self.sizes["valid"], {ex.question for ex in test})}
         if split != "train":
             return held_out[split]
         seen = {ex.question for exs in held_out.values() for ex in exs}
@@ -124,9 +125,14 @@ class RunningSum(Task):
                 out.append(ex)
         return out
 
-    def _draw(self, split: str, n: int) -> list[Example]:
+    def _draw(self, split: str, n: int, exclude: set[str] = frozenset()) -> list[Example]:
         rng = random.Random(f"{self.seed}-{split}")
-        return [self.make(rng) for _ in range(n)]
+        out: list[Example] = []
+        while len(out) < n:
+            ex = self.make(rng)
+            if ex.question not in exclude:
+                out.append(ex)
+        return out
 
     def vocabulary(self) -> list[str]:
         """Every word the task's texts use (for a word-level tokenizer)."""
