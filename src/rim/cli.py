@@ -1,11 +1,14 @@
 """The ``rim`` command line: thin handlers over the library.
 
-    rim demo                                   # No-CoT vs CoT vs RiM on a synthetic task, tiny model, CPU
-    rim train CONFIG [key=value ...]           # one experiment; writes a run directory
+    rim demo [--methods all]                   # No-CoT vs CoT vs RiM (and peers) on a synthetic task, tiny model, CPU
+    rim train CONFIG [key=value ...] [--resume auto]   # one experiment; writes a run directory
     rim eval RUN [--split test] [--blocks K]   # final-block / any-block accuracy, predictions.jsonl
+    rim compare SPEC                           # several methods on one model, data and budget; one table
+    rim answer RUN "question" [--blocks K]     # answers as JSON lines
+    rim export RUN OUT                         # a standard Hugging Face checkpoint with a model card
+    rim plot RUN / rim analyze RUN             # loss, accuracy vs K, per-block accuracy / PCA and probes
     rim show-layout CONFIG [key=value ...]     # one decoded training example per stage
-    rim bench all --shape tiny                 # speed: latency and training against the baselines
-"""
+    rim bench all --shape tiny                 # speed: latency and training against the baselines"""
 
 from __future__ import annotations
 
