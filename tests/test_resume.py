@@ -131,13 +131,18 @@ def test_non_finite_loss_stops_and_saves_nothing_after_it(tmp_path, monkeypatch)
     assert not (run / "checkpoint").exists()
 
 
-def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+def train_command(tmp_path, steps: int, save_every: int) -> tuple[list[str], dict]:
+    """``rim train`` of a small No-CoT run as a subprocess command, and its environment."""
     config_file = tmp_path / "empty.yaml"
     config_file.write_text("{}\n")
-    cmd = [sys.executable, "-m", "rim.cli", "train", str(config_file), *TINY, "train.save_every=1000",
-           "stages=[{name: sft, kind: sft, steps: 400, lr: 1e-3}]", "method.name=nocot",
+    cmd = [sys.executable, "-m", "rim.cli", "train", str(config_file), *TINY, f"train.save_every={save_every}",
+           f"stages=[{{name: sft, kind: sft, steps: {steps}, lr: 1e-3}}]", "method.name=nocot",
            f"output_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    cmd, env = train_command(tmp_path, steps=400, save_every=1000)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -157,12 +162,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
 
 
 def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path):
-    config_file = tmp_path / "empty.yaml"
-    config_file.write_text("{}\n")
-    cmd = [sys.executable, "-m", "rim.cli", "train", str(config_file), *TINY, "train.save_every=5",
-           "stages=[{name: sft, kind: sft, steps: 300, lr: 1e-3}]", "method.name=nocot",
-           f"output_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd, env = train_command(tmp_path, steps=300, save_every=5)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and latest_valid(tmp_path / "run", lambda _: None) is None:
