@@ -1,6 +1,7 @@
 """Exact resume, checkpoint integrity and faults on the tiny CPU config: a run stopped and resumed equals an
 uninterrupted one (losses and weights), also across the stage switch; broken checkpoints are skipped; SIGTERM
-checkpoints and exits; a non-finite loss stops the run without saving anything after the last good checkpoint."""
+checkpoints and exits; a non-finite loss stops the run without saving anything after the last good checkpoint;
+the TensorBoard tracker receives the same curve as metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -175,3 +176,18 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path):
     done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(losses(tmp_path / "run")) == list(range(1, 301))
+
+
+def test_tensorboard_tracker_gets_the_training_curve(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(config(tmp_path, "run", [*RIM, "train.trackers=[tensorboard]", "train.tracker_project=exp"]))
+    files = list((run / "exp").rglob("events.out.tfevents.*"))
+    assert files
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("loss/grounding")]
+    logged = losses(run)
+    assert [s for s, _ in curve] == list(range(1, 7))
+    assert all(v == pytest.approx(logged[s], rel=1e-6) for s, v in curve)

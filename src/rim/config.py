@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")  # accelerate's names
+
+
 class ConfigError(ValueError):
     """A config problem; the message names the key."""
 
@@ -114,6 +117,8 @@ class TrainConfig:
     bucket_by_length: bool = False  # batches of examples of similar length (less padding), drawn from the seed
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
     compile: bool = False  # torch.compile each transformer block (compiling costs time on the first batches)
+    trackers: list = field(default_factory=list)  # also log to these accelerate trackers: tensorboard, wandb, ...
+    tracker_project: str = "rim"  # project / experiment name for the trackers
 
 
 @dataclass
@@ -310,6 +315,7 @@ def validate(cfg: Config) -> None:
          "set when eval.every is set"),
         (cfg.train.save_every is None or cfg.train.save_every >= 1, "train.save_every", ">= 1"),
         (cfg.train.keep_last is None or cfg.train.keep_last >= 1, "train.keep_last", ">= 1"),
+        (all(t in TRACKERS for t in cfg.train.trackers), "train.trackers", f"a list of {', '.join(TRACKERS)}"),
         (not (cfg.train.gradient_checkpointing and cfg.method.name == "coconut"), "train.gradient_checkpointing",
          "false for coconut (its latent passes need the KV cache, which checkpointing turns off)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),

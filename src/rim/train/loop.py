@@ -43,18 +43,25 @@ RUN_OUTPUTS = ("checkpoint", "checkpoints", "best", "metrics.jsonl")
 
 
 class RunLog:
-    """Console + JSONL metrics; only the main process writes."""
+    """JSONL metrics (always) and, through ``accelerator``, the configured trackers (TensorBoard, W&B, ...): the
+    training loss and learning rate per stage, and selection accuracy. Only the main process writes."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+    def __init__(self, run_dir: Path, enabled: bool = True, accelerator=None):
+        self.path, self.enabled, self.accelerator = run_dir / "metrics.jsonl", enabled, accelerator
 
     def write(self, **record) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            if record.get("event") == "train":
+                self.accelerator.log({f"loss/{record['stage']}": record["loss"], "lr": record["lr"]},
+                                     step=record["step"])
+            elif record.get("event") == "select":
+                self.accelerator.log({f"select/{record['split']}_accuracy": record["accuracy"]}, step=record["step"])
 
 
-def make_accelerator(cfg: Config):
+def make_accelerator(cfg: Config, run_dir: Path | None = None):
     """An Accelerator on the configured device and precision (bf16 autocast on CUDA by default, fp32 on CPU).
 
     The global batch is ``train.batch_size x train.grad_accum`` examples per optimizer step whatever the number
@@ -72,7 +79,8 @@ def make_accelerator(cfg: Config):
         raise ConfigError(f"config key 'train.grad_accum' ({cfg.train.grad_accum}) must be a multiple of the "
                           f"{processes} processes, so that the global batch stays batch_size x grad_accum")
     return Accelerator(cpu=not cuda, mixed_precision=precision,
-                       gradient_accumulation_steps=cfg.train.grad_accum // processes)
+                       gradient_accumulation_steps=cfg.train.grad_accum // processes,
+                       log_with=cfg.train.trackers or None, project_dir=run_dir)
 
 
 def describe_layout(layout: Layout, tokenizer, stage: StageConfig, sees_question: bool = True,
@@ -489,7 +497,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir or cfg.output_dir)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
     start_from = resume_point(run_dir, resume)
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
     if start_from is None and earlier and not cfg.overwrite:
@@ -509,7 +517,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         else:
             trim_log(run_dir / "metrics.jsonl", pos.step)
-    log = RunLog(run_dir, accelerator.is_main_process)
+    if cfg.train.trackers:
+        accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(cfg))
+    log = RunLog(run_dir, accelerator.is_main_process, accelerator)
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
                                                method_class(cfg.method.name).special_tokens)
@@ -549,4 +559,23 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             resumed = None
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
     log.write(event="done", steps=pos.step, train_s=time.perf_counter() - start)
+    accelerator.end_training()
     return run_dir
+
+
+def flat_config(cfg: Config) -> dict:
+    """The config as ``{dotted key: value}`` with plain values (trackers take only scalars)."""
+    out: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}{i}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(to_dict(cfg), "")
+    return out
