@@ -146,3 +146,23 @@ def test_jsonl_task_and_unknown_task(tmp_path):
         make_task("gsm9k", {})
     with pytest.raises(ValueError, match="bad options for task 'running-sum'"):
         make_task("running-sum", {"digitz": 3})
+
+
+def test_registered_task_is_built_by_name():
+    from rim.data.tasks import TASKS, Example, Task, register_task
+
+    @register_task
+    class Echo(Task):
+        name = "echo-test"
+
+        def __init__(self, n: int = 2):
+            self.n = n
+
+        def load(self, split):
+            return [Example(str(i), (str(i),), str(i)) for i in range(self.n)]
+
+    try:
+        task = make_task("echo-test", {"n": 3}, on_error="skip")
+        assert isinstance(task, Echo) and len(task.load("train")) == 3 and task.records.on_error == "skip"
+    finally:
+        TASKS.pop("echo-test")

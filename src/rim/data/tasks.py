@@ -167,6 +167,15 @@ class JsonlTask(Task):
         return read_jsonl(self.files[split], self.records)
 
 
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make your own task available to configs as ``data.task: <cls.name>``."""
+    TASKS[cls.name] = cls
+    return cls
+
+
 def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
     """Build a task by name from its options (``data.options`` in the config); ``on_error`` (``data.on_error``) is
     what its loaders do with a bad record: ``strict`` raises, ``skip`` drops and counts it (``task.records``)."""
@@ -175,7 +184,7 @@ def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
     from rim.data.multiplication import Multiplication
 
     tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, "gsm8k-aug": GSM8KAug,
-             **BENCHMARKS}
+             **BENCHMARKS, **TASKS}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
     try:
