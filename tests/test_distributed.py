@@ -53,3 +53,11 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert sum('"event": "setup"' in line for line in lines) == 1  # one writer
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-3", "step-4", "step-6"]
+
+    # evaluation sharded over two processes and gathered: the same predictions as one process
+    run([sys.executable, "-m", "rim.cli", "eval", "one", "--max-eval", "7"], tmp_path)
+    single = (tmp_path / "one" / "eval" / "predictions.jsonl").read_text()
+    run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "eval", "one", "--max-eval", "7"],
+        tmp_path)
+    sharded = (tmp_path / "one" / "eval" / "predictions.jsonl").read_text()
+    assert sharded == single and len(sharded.splitlines()) == 7

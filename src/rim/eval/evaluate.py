@@ -71,44 +71,73 @@ def measure_latency(model: nn.Module, tokenizer, method: Method, prompts: list[l
     return {"ttft_ms": statistics.median(first), "latency_ms": statistics.median(total)}
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: list[TokenizedExample],
              blocks: int, batch_size: int = 64, any_block: bool = True, latency_examples: int = 20) -> EvalResult:
-    """Score ``examples``; decode after every block too when the method has blocks and ``any_block`` is set."""
+    """Score ``examples``; decode after every block too when the method has blocks and ``any_block`` is set.
+
+    Under torch.distributed every process decodes every world-th example and the records are gathered, so all
+    processes return the same records and accuracies; latency is timed on rank 0 only (None elsewhere).
+    """
     model.eval()
-    budget = answer_budget(task, method, examples)
-    final_prompts = [method.prompt(ex, blocks) for ex in examples]
-    final = _decode_all(model, tokenizer, method, final_prompts, budget, batch_size)
-    per_block: list[list[list[int]]] = []
-    if method.any_block and any_block:
-        per_block = [_decode_all(model, tokenizer, method, [method.prompt(ex, k) for ex in examples], budget,
-                                 batch_size)
-                     for k in range(1, blocks + 1)]
-    records, n_final, n_any, n_tokens = [], 0, 0, 0
+    budget = answer_budget(task, method, examples)  # from all examples: the same on every process
+    rank, world = shard()
+    mine = list(range(rank, len(examples), world))
+    per_block = method.any_block and any_block
+    records = score(model, tokenizer, task, method, [examples[i] for i in mine], blocks, budget, batch_size, per_block)
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, list(zip(mine, records)))
+        records = [rec for _, rec in sorted((pair for part in parts for pair in part), key=lambda p: p[0])]
+    metrics = summarize(records, method, blocks, per_block)
+    prompts = [method.prompt(ex, blocks) for ex in examples[:latency_examples]] if rank == 0 else []
+    metrics.update(measure_latency(model, tokenizer, method, prompts, budget))
+    return EvalResult(metrics, records)
+
+
+def score(model: nn.Module, tokenizer, task: Task, method: Method, examples: list[TokenizedExample], blocks: int,
+          budget: int, batch_size: int, per_block: bool) -> list[dict]:
+    """One record per example: prediction, output, correctness and, with ``per_block``, every block's readout."""
+    final = _decode_all(model, tokenizer, method, [method.prompt(ex, blocks) for ex in examples], budget, batch_size)
+    readouts_k = [_decode_all(model, tokenizer, method, [method.prompt(ex, k) for ex in examples], budget, batch_size)
+                  for k in range(1, blocks + 1)] if per_block else []
+    records = []
     for i, ex in enumerate(examples):
         text = tokenizer.decode(final[i], skip_special_tokens=True)
         pred = task.extract_answer(text, cot=method.cot)
-        ok = task.is_correct(pred, ex.example.answer)
         rec = {"question": ex.example.question, "gold": ex.example.answer, "prediction": pred, "output": text,
-               "correct": ok, "generated_tokens": len(final[i]) + 1}  # + the EOS it generated
+               "correct": task.is_correct(pred, ex.example.answer),
+               "generated_tokens": len(final[i]) + 1}  # + the EOS it generated
         if per_block:
-            readouts = [task.extract_answer(tokenizer.decode(b[i], skip_special_tokens=True)) for b in per_block]
+            readouts = [task.extract_answer(tokenizer.decode(b[i], skip_special_tokens=True)) for b in readouts_k]
             rec["block_readouts"] = readouts
             rec["block_correct"] = [task.is_correct(r, ex.example.answer) for r in readouts]
-            n_any += any(rec["block_correct"])
-        n_final += ok
-        n_tokens += rec["generated_tokens"]
         records.append(rec)
-    n = len(examples)
+    return records
+
+
+def summarize(records: list[dict], method: Method, blocks: int, per_block: bool) -> dict:
+    """Accuracies and mean generated tokens of scored records."""
+    n = len(records)
     metrics = {
         "method": method.name, "n": n, "blocks": blocks if method.any_block else None,
-        "final_block_accuracy": n_final / n,
-        "any_block_accuracy": n_any / n if per_block else None,
-        "generated_tokens": n_tokens / n,
+        "final_block_accuracy": sum(r["correct"] for r in records) / n,
+        "any_block_accuracy": sum(any(r["block_correct"]) for r in records) / n if per_block else None,
+        "generated_tokens": sum(r["generated_tokens"] for r in records) / n,
     }
     if per_block:
         metrics["block_accuracy"] = [sum(r["block_correct"][k] for r in records) / n for k in range(blocks)]
-    metrics.update(measure_latency(model, tokenizer, method, final_prompts[:latency_examples], budget))
-    return EvalResult(metrics, records)
+    return metrics
 
 
 def write_predictions(records: list[dict], path: str | Path) -> None:

@@ -65,6 +65,11 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     the same data directory. Results go to ``eval[-<task>][-<checkpoint>]/`` unless ``out_name`` says otherwise.
     ``full=False`` skips the per-block decodes and the latency timing (final-block accuracy only).
     """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # joins `accelerate launch`/torchrun
+    if device == "auto" and state.num_processes > 1:
+        device = str(state.device)
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
     if task_name is not None:
         task = make_task(task_name, {k: v for k, v in cfg.data.options.items() if k == "data_dir"})
@@ -80,9 +85,10 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     result.metrics.update(task=task.name, split=split, checkpoint=checkpoint,
                           device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
-    write_predictions(result.records, out / "predictions.jsonl")
+    if state.is_main_process:  # every process holds all records (evaluate gathers them); one writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
+        write_predictions(result.records, out / "predictions.jsonl")
     return result
 
 

@@ -444,22 +444,21 @@ class Checkpointer:
                 shutil.rmtree(old)
 
     def select(self, model, step: int) -> None:
-        """Score the selection split; keep the checkpoint if it is the best so far."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            inner = self.accelerator.unwrap_model(model)
-            k = self.cfg.eval.blocks or self.cfg.method.blocks
-            result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
-                              self.cfg.eval.batch_size, any_block=False, latency_examples=0)
-            accuracy = result.metrics["final_block_accuracy"]
-            improved = accuracy > self.best
-            self.log.write(event="select", step=step, split=self.cfg.eval.select_split, accuracy=accuracy,
-                           best=improved)
-            if improved:
-                self.best = accuracy
+        """Score the selection split (sharded over the processes); keep the checkpoint if it is the best so far."""
+        inner = self.accelerator.unwrap_model(model)
+        k = self.cfg.eval.blocks or self.cfg.method.blocks
+        result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
+                          self.cfg.eval.batch_size, any_block=False, latency_examples=0)
+        accuracy = result.metrics["final_block_accuracy"]  # the same on every process (records are gathered)
+        improved = accuracy > self.best
+        self.log.write(event="select", step=step, split=self.cfg.eval.select_split, accuracy=accuracy, best=improved)
+        if improved:
+            self.best = accuracy
+            if self.accelerator.is_main_process:
                 write_checkpoint(inner, self.tokenizer, self.cfg, self.run_dir / "best",
                                  {"step": step, "select_split": self.cfg.eval.select_split,
                                   "select_accuracy": accuracy})
+        self.accelerator.wait_for_everyone()
         model.train()
 
 
