@@ -18,7 +18,7 @@ model: {name: tiny, tiny_layers: 2, tiny_hidden: 32, tiny_heads: 2}
 data: {task: running-sum, options: {n_train: 32, n_test: 8, n_valid: 8}}
 method: {name: rim, memory_tokens: 1, blocks: 2}
 stages:
-  - {name: grounding, kind: grounding, steps: 4, lr: 3.0e-3}
+  - {name: grounding, kind: grounding, epochs: 2, lr: 3.0e-3}  # 32 / (8 x 2) = 2 optimizer steps an epoch
   - {name: refinement, kind: refinement, steps: 2, lr: 1.0e-3}
 train: {batch_size: 8, grad_accum: 2, log_every: 1, progress: false, device: cpu, save_every: 3}
 """

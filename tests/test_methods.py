@@ -170,6 +170,15 @@ def test_coconut_generation_starts_after_the_thoughts():
     assert gen.tokens[0] == [int(ref[-1].argmax())]
 
 
+def test_coconut_with_no_thoughts_at_inference_feeds_eot_like_stage_0():
+    model, tok, method = setup("coconut", max_latent_steps=2, inference_latent_steps=0)
+    ex = method.tokenize(TASK, tok, EXAMPLE)
+    gen = method.generate(model, [method.prompt(ex, 8)], tok.pad_token_id, -1, 1)
+    ids = method.prompt(ex, 8) + [tok.convert_tokens_to_ids(EOT)]
+    with torch.no_grad():
+        assert gen.tokens[0] == [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+
+
 def tiny_config(method: str, stages: list[str], tmp_path, extra=()):
     return load_config(None, [
         "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", f"method.name={method}",

@@ -97,6 +97,21 @@ def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeyp
     assert_same_run(train(config(tmp_path, "full", RIM)), train(cfg, resume="auto"))
 
 
+def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "cut", RIM)
+    with monkeypatch.context() as m:
+        crash_at(m, 9)
+        with pytest.raises(RuntimeError):
+            train(cfg)
+    older = tmp_path / "cut" / "checkpoints" / "step-4"
+    with monkeypatch.context() as m:
+        crash_at(m, 5)  # stop again right after resuming, before step-6 is rewritten
+        with pytest.raises(RuntimeError):
+            train(cfg, resume=str(older))
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert max(losses(tmp_path / "cut")) == 5
+
+
 def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, monkeypatch, capsys):
     cfg = config(tmp_path, "cut", RIM)
     with monkeypatch.context() as m:

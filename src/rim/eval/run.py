@@ -120,6 +120,9 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
     summary = split_protocol(correct, n_splits, select_size, seed)
     summary.update(checkpoints=names, chosen_names=[names[c] for c in summary["chosen"]],
                    accuracy_per_checkpoint=per_checkpoint, split=split, task=task_name)
-    path = Path(run_dir) / out_dir / "results.json"
-    path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        path = Path(run_dir) / out_dir / "results.json"
+        path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -56,10 +56,11 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    embed = model.get_input_embeddings() if latents else None
-    key = "inputs_embeds" if latents else "input_ids"
-    as_input = embed if latents else (lambda x: x)  # token ids -> what the model is fed
-    plan = ["latent"] * latents + (["after"] if latents and after_latents else [])
+    embedded = bool(latents or after_latents)  # latent methods feed embeddings throughout
+    embed = model.get_input_embeddings() if embedded else None
+    key = "inputs_embeds" if embedded else "input_ids"
+    as_input = embed if embedded else (lambda x: x)  # token ids -> what the model is fed
+    plan = ["latent"] * latents + (["after"] if after_latents else [])
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     past, fed, pending, step_s, cache_arg = None, None, as_input(ids), [], cache_argument(model)

@@ -125,6 +125,7 @@ class Coconut(Method):
         return latent_forward(model, batch, keep=keep)
 
     def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True):
-        n = self.n_latent(self.cfg.inference_latent_steps or self.cfg.max_latent_steps)
+        steps = self.cfg.inference_latent_steps
+        n = self.n_latent(self.cfg.max_latent_steps if steps is None else steps)
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, latents=n,
                                after_latents=[self.token[EOT]])

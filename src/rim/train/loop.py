@@ -246,6 +246,12 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
+    def agreed(self, accelerator) -> int:
+        """The signal seen by any process (0 if none): every process stops at the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        return int(accelerator.reduce(torch.tensor(self.signum, device=accelerator.device), "max"))
+
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
@@ -269,14 +275,16 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
         batching = {"sampler": sampler, "batch_size": cfg.train.batch_size}
     loader = accelerator.prepare(DataLoader(range(len(data)), collate_fn=list, **batching,
                                             generator=torch.Generator().manual_seed(seed)))
-    total = stage_length(stage, len(loader), cfg.train.grad_accum)
-    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
+    accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
+    total = stage_length(stage, len(loader), accumulate)
+    steps_per_epoch = math.ceil(len(loader) / accumulate)
     if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
             optimizer.load_state_dict(resumed["optimizer"])  # the moments; the learning rate is set below
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = stage.lr
+        group["weight_decay"] = stage.weight_decay
     scheduler = warmup_constant(optimizer, int(stage.warmup * total))
     if resumed is not None:
         if pos.stage_step > 0:
@@ -322,8 +330,9 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             pos.stage_step, pos.step = step, first_step + step
             bar.update(1)
             stage_end = step == total
+            signum = stop.agreed(accelerator)  # the same on every process, read once per step
             if step % cfg.train.log_every == 0 or stage_end or checkpointer.saves_at(pos.step, stage_end) \
-                    or stop.signum:
+                    or signum:
                 if accelerator.reduce(bad.float(), "sum") > 0:  # host sync at log intervals and before saving
                     raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
                                         "after the last checkpoint was saved (lower the learning rate, then "
@@ -338,10 +347,11 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             if stage_end:  # a checkpoint here resumes at the start of the next stage
                 pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
             checkpointer.on_step(model, pos, optimizer, scheduler, stage_end)
-            if stop.signum:
-                checkpointer.save(model, pos, optimizer, scheduler)
-                raise Interrupted(f"stopped by signal {stop.signum} after step {pos.step}; checkpoint "
-                                  f"checkpoints/step-{pos.step} written; continue with `--resume auto`", stop.signum)
+            if signum:
+                if not checkpointer.saves_at(pos.step, stage_end):
+                    checkpointer.save(model, pos, optimizer, scheduler)
+                raise Interrupted(f"stopped by signal {signum} after step {pos.step}; checkpoint "
+                                  f"checkpoints/step-{pos.step} written; continue with `--resume auto`", signum)
             if stage_end:
                 break
         skip = 0
@@ -378,6 +388,7 @@ def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator, extr
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra, state)
+    accelerator.wait_for_everyone()  # nobody reads it (or moves on) before it is there
 
 
 def load_weights(model, folder: Path) -> None:
@@ -423,18 +434,18 @@ class Checkpointer:
 
     def on_step(self, model, pos: Position, optimizer, scheduler, stage_end: bool = False) -> None:
         """Called after every optimizer step (``pos.step`` counts over all stages)."""
-        if self.saves_at(pos.step, stage_end):
-            self.save(model, pos, optimizer, scheduler)
         every = self.cfg.eval.every
         if self.examples and ((every and pos.step % every == 0) or stage_end):
-            self.select(model, pos.step)
+            self.select(model, pos.step)  # first, so the checkpoint below holds this step's best score
+        if self.saves_at(pos.step, stage_end):
+            self.save(model, pos, optimizer, scheduler)
 
     def save(self, model, pos: Position, optimizer, scheduler) -> None:
         """A resumable checkpoint ``checkpoints/step-N``; then only the newest ``train.keep_last`` are kept."""
         config = to_dict(self.cfg)
 
         def state(folder: Path) -> None:
-            save_state(folder, pos, optimizer, scheduler, self.best, config)
+            save_state(folder, pos, optimizer, scheduler, self.best, config, self.accelerator.num_processes)
 
         save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{pos.step}",
                         self.accelerator, {"step": pos.step}, state)
@@ -478,11 +489,29 @@ def trim_log(path: Path, step: int) -> None:
     """Drop the log lines of steps after ``step`` (an interrupted run's lost tail, which the resumed run redoes)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if json.loads(line).get("step", 0) <= step and json.loads(line).get("event") != "done"]
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the crash
+            continue
+        if record.get("step", 0) <= step and record.get("event") != "done":
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def drop_after(run_dir: Path, step: int) -> None:
+    """Remove what an abandoned stretch after ``step`` left: later step checkpoints (intact or not) and a ``best/``
+    selected after it, so that pruning, ``--resume auto`` and the paper's protocol only see the resumed line."""
+    for folder in (run_dir / "checkpoints").glob("step-*"):
+        name = folder.name.removesuffix(".tmp")
+        if name[5:].isdigit() and int(name[5:]) > step:
+            shutil.rmtree(folder)
+    best = run_dir / "best" / "rim.json"
+    if best.is_file() and json.loads(best.read_text(encoding="utf-8")).get("step", 0) > step:
+        shutil.rmtree(run_dir / "best")
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = None) -> Path:
@@ -508,6 +537,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     if start_from is not None:
         pos, resumed, best, old_config = load_state(start_from)
         diff = config_diff(old_config, to_dict(cfg))
+        saved_processes = resumed.get("processes", 1)
+        if saved_processes != accelerator.num_processes:
+            raise CheckpointError(f"{start_from} was written by {saved_processes} processes, this run has "
+                                  f"{accelerator.num_processes}; resume with the same number (the data position "
+                                  "counts each process's batches)")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -516,6 +550,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         else:
             trim_log(run_dir / "metrics.jsonl", pos.step)
+            drop_after(run_dir, pos.step)
     if cfg.train.trackers:
         accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(cfg))
     log = RunLog(run_dir, accelerator.is_main_process, accelerator)

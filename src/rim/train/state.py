@@ -87,7 +87,7 @@ def capture_rng() -> dict:
     """The RNG states a training step draws from (Python, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (every rank has the same seed)
     return state
 
 
@@ -95,14 +95,15 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(folder: Path, position: Position, optimizer, scheduler, best: float, config: dict) -> None:
+def save_state(folder: Path, position: Position, optimizer, scheduler, best: float, config: dict,
+               processes: int = 1) -> None:
     """Write the trainer state files into a checkpoint folder (before its manifest)."""
     torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": capture_rng()}, folder / STATE_PT)
+                "rng": capture_rng(), "processes": processes}, folder / STATE_PT)
     (folder / STATE_JSON).write_text(json.dumps({"position": asdict(position), "best": best, "config": config},
                                                 indent=1), encoding="utf-8")
 
