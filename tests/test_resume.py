@@ -42,6 +42,16 @@ def weights(run):
     return load_file(run / "checkpoint" / "model.safetensors")
 
 
+def crashed_run(tmp_path, monkeypatch, step: int, resume: str | None = None):
+    """The RIM config of run ``cut``, trained (or resumed) until a crash right after ``step``."""
+    cfg = config(tmp_path, "cut", RIM)
+    with monkeypatch.context() as m:
+        crash_at(m, step)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, resume=resume)
+    return cfg
+
+
 def crash_at(monkeypatch, step):
     """Make training die (like a killed process) right after optimizer step ``step`` has been handled."""
     original = Checkpointer.on_step
@@ -79,11 +89,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, recipe, cra
 
 
 def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
-    cfg = config(tmp_path, "cut", RIM)
-    with monkeypatch.context() as m:
-        crash_at(m, 9)
-        with pytest.raises(RuntimeError):
-            train(cfg)
+    cfg = crashed_run(tmp_path, monkeypatch, 9)
     newest = tmp_path / "cut" / "checkpoints" / "step-8"
     weights_file = newest / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated, as by a crash during a copy
@@ -98,26 +104,15 @@ def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeyp
 
 
 def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path, monkeypatch):
-    cfg = config(tmp_path, "cut", RIM)
-    with monkeypatch.context() as m:
-        crash_at(m, 9)
-        with pytest.raises(RuntimeError):
-            train(cfg)
+    crashed_run(tmp_path, monkeypatch, 9)
     older = tmp_path / "cut" / "checkpoints" / "step-4"
-    with monkeypatch.context() as m:
-        crash_at(m, 5)  # stop again right after resuming, before step-6 is rewritten
-        with pytest.raises(RuntimeError):
-            train(cfg, resume=str(older))
+    crashed_run(tmp_path, monkeypatch, 5, resume=str(older))  # stop again before step-6 is rewritten
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert max(losses(tmp_path / "cut")) == 5
 
 
 def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, monkeypatch, capsys):
-    cfg = config(tmp_path, "cut", RIM)
-    with monkeypatch.context() as m:
-        crash_at(m, 3)
-        with pytest.raises(RuntimeError):
-            train(cfg)
+    cfg = crashed_run(tmp_path, monkeypatch, 3)
     with pytest.raises(FileExistsError, match="--resume auto"):
         train(cfg)
     changed = load_config(None, [*TINY, *RIM, f"output_dir={tmp_path / 'cut'}", "train.max_grad_norm=0.5"])
