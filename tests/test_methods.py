@@ -228,3 +228,24 @@ def test_stage_kinds_are_checked_per_method():
         load_config(None, ["method.name=coconut", "stages=[{name: a, kind: sft, steps: 1}]"])
     with pytest.raises(ConfigError, match="method.name"):
         load_config(None, ["method.name=codi"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rim_reads_all_blocks_in_one_pass_per_token_like_k_decodes(family):
+    from rim.methods.base import Method
+
+    model, tok, method = setup("rim", family, memory_tokens=1)
+    with torch.random.fork_rng(), torch.no_grad():  # larger random weights: outputs that depend on the input
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
+    free = method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 6, batch_size=2)  # -1: no stop token
+    assert free == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, -1, 6, batch_size=2)
+    assert len({tuple(map(tuple, r)) for r in free}) > 1  # not a degenerate all-equal output
+    # a generated token as the stop token, chosen so that readouts end at different steps, each on its own
+    lengths = {t: {r.index(t) if t in r else len(r) for rs in free for r in rs} for rs in free for r in rs for t in r}
+    stop = next(t for t, ends in lengths.items() if len(ends) > 1)
+    together = method.block_readouts(model, exs, 4, tok.pad_token_id, stop, 6, batch_size=2)
+    assert together == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, stop, 6, batch_size=2)
+    assert len({len(r) for rs in together for r in rs}) > 1

@@ -109,8 +109,8 @@ def score(model: nn.Module, tokenizer, task: Task, method: Method, examples: lis
           budget: int, batch_size: int, per_block: bool) -> list[dict]:
     """One record per example: prediction, output, correctness and, with ``per_block``, every block's readout."""
     final = _decode_all(model, tokenizer, method, [method.prompt(ex, blocks) for ex in examples], budget, batch_size)
-    readouts_k = [_decode_all(model, tokenizer, method, [method.prompt(ex, k) for ex in examples], budget, batch_size)
-                  for k in range(1, blocks + 1)] if per_block else []
+    readouts = method.block_readouts(model, examples, blocks, tokenizer.pad_token_id, tokenizer.eos_token_id, budget,
+                                     batch_size) if per_block else []
     records = []
     for i, ex in enumerate(examples):
         text = tokenizer.decode(final[i], skip_special_tokens=True)
@@ -119,9 +119,9 @@ def score(model: nn.Module, tokenizer, task: Task, method: Method, examples: lis
                "correct": task.is_correct(pred, ex.example.answer),
                "generated_tokens": len(final[i]) + 1}  # + the EOS it generated
         if per_block:
-            readouts = [task.extract_answer(tokenizer.decode(b[i], skip_special_tokens=True)) for b in readouts_k]
-            rec["block_readouts"] = readouts
-            rec["block_correct"] = [task.is_correct(r, ex.example.answer) for r in readouts]
+            texts = [task.extract_answer(tokenizer.decode(t, skip_special_tokens=True)) for t in readouts[i]]
+            rec["block_readouts"] = texts
+            rec["block_correct"] = [task.is_correct(r, ex.example.answer) for r in texts]
         records.append(rec)
     return records
 

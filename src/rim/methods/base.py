@@ -121,6 +121,16 @@ class Method:
         """Greedy answers to a batch of prompts."""
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache)
 
+    def block_readouts(self, model, examples: list[TokenizedExample], blocks: int, pad_id: int, eos_id: int,
+                       max_new_tokens: int, batch_size: int) -> list[list[list[int]]]:
+        """``out[i][k-1]``: the greedy answer to example i with k blocks, k = 1..K (K decodes by default)."""
+        per_k = []
+        for k in range(1, blocks + 1):
+            prompts = [self.prompt(ex, k) for ex in examples]
+            per_k.append([t for lo in range(0, len(prompts), batch_size) for t in
+                          self.generate(model, prompts[lo:lo + batch_size], pad_id, eos_id, max_new_tokens).tokens])
+        return [[per_k[k][i] for k in range(blocks)] for i in range(len(examples))]
+
 
 METHODS: dict[str, type[Method]] = {}
 
