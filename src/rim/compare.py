@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from rim.config import Config, ConfigError, load_config, to_dict
+from rim.config import Config, ConfigError, flatten, load_config, to_dict
 
 SPEC_KEYS = ("base", "methods", "seeds", "ood", "output_dir")
 RESERVED = ("train.seed", "output_dir", "overwrite")  # set by the compare: its seeds, its run dirs, --retrain
@@ -58,20 +58,6 @@ def merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = merge(out[key], value) if both else copy.deepcopy(value)
-    return out
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config data as ``{dotted key: value}``; list items by index (``stages.0.lr``)."""
-    if isinstance(data, dict):
-        items = data.items()
-    elif isinstance(data, list):
-        items = enumerate(data)
-    else:
-        return {prefix[:-1]: data}
-    out: dict[str, Any] = {}
-    for key, value in items:
-        out.update(flatten(value, f"{prefix}{key}."))
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rim.config import Config, ConfigError
 from rim.data.tasks import Example, Task
-from rim.eval.evaluate import answer_budget, answer_start
+from rim.eval.evaluate import answer_budget, answer_times
 from rim.eval.run import load_run
 from rim.methods.base import Method, TokenizedExample
 
@@ -95,16 +95,16 @@ def answer(served: Served, questions: Iterable[str], block_readouts: bool = Fals
             warm = True
         gen = _generate(served, prompt)
         text = tok.decode(gen.tokens[0], skip_special_tokens=True)
-        first = min(answer_start(tok, gen.tokens[0], method.cot), len(gen.step_s) - 1)
+        ttft_ms, latency_ms = answer_times(tok, gen, method.cot)
         rec = {"question": question, "answer": served.task.extract_answer(text, cot=method.cot), "output": text,
-               "ttft_ms": gen.step_s[first] * 1e3, "latency_ms": gen.total_s * 1e3}
+               "ttft_ms": ttft_ms, "latency_ms": latency_ms}
         if method.any_block:
             rec["blocks"] = served.blocks
         if block_readouts:
-            rec["block_readouts"] = [
-                served.task.extract_answer(tok.decode(_generate(served, method.prompt(ex, k)).tokens[0],
-                                                      skip_special_tokens=True))
-                for k in range(1, served.blocks + 1)]
+            readouts = method.block_readouts(served.model, [ex], served.blocks, tok.pad_token_id, tok.eos_token_id,
+                                             served.max_new_tokens, batch_size=1)[0]
+            rec["block_readouts"] = [served.task.extract_answer(tok.decode(t, skip_special_tokens=True))
+                                     for t in readouts]
         yield rec
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from rim.data.tasks import COT_SEPARATOR, Task
+from rim.infer.generate import Generation
 from rim.methods.base import Method, TokenizedExample
 
 
@@ -26,16 +27,6 @@ class EvalResult:
 
     metrics: dict
     records: list[dict] = field(default_factory=list)
-
-
-def _decode_all(model, tokenizer, method: Method, prompts: list[list[int]], max_new_tokens: int, batch_size: int
-                ) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        gen = method.generate(model, prompts[i:i + batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id,
-                              max_new_tokens)
-        out += gen.tokens
-    return out
 
 
 def answer_budget(task: Task, method: Method, examples: list[TokenizedExample]) -> int:
@@ -62,13 +53,15 @@ def measure_latency(model: nn.Module, tokenizer, method: Method, prompts: list[l
         return {"ttft_ms": None, "latency_ms": None}
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     method.generate(model, [prompts[0]], pad, eos, max_new_tokens)  # warm-up: allocator, kernels, caches
-    first, total = [], []
-    for p in prompts:
-        gen = method.generate(model, [p], pad, eos, max_new_tokens)
-        start = min(answer_start(tokenizer, gen.tokens[0], method.cot), len(gen.step_s) - 1)
-        first.append(gen.step_s[start] * 1e3)
-        total.append(gen.total_s * 1e3)
+    first, total = zip(*(answer_times(tokenizer, method.generate(model, [p], pad, eos, max_new_tokens), method.cot)
+                         for p in prompts))
     return {"ttft_ms": statistics.median(first), "latency_ms": statistics.median(total)}
+
+
+def answer_times(tokenizer, gen: Generation, cot: bool) -> tuple[float, float]:
+    """(time to the first answer token, time to the whole answer) in ms of a batch-1 generation."""
+    start = min(answer_start(tokenizer, gen.tokens[0], cot), len(gen.step_s) - 1)
+    return gen.step_s[start] * 1e3, gen.total_s * 1e3
 
 
 def shard() -> tuple[int, int]:
@@ -108,7 +101,8 @@ def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: 
 def score(model: nn.Module, tokenizer, task: Task, method: Method, examples: list[TokenizedExample], blocks: int,
           budget: int, batch_size: int, per_block: bool) -> list[dict]:
     """One record per example: prediction, output, correctness and, with ``per_block``, every block's readout."""
-    final = _decode_all(model, tokenizer, method, [method.prompt(ex, blocks) for ex in examples], budget, batch_size)
+    final = method.decode(model, [method.prompt(ex, blocks) for ex in examples], tokenizer.pad_token_id,
+                          tokenizer.eos_token_id, budget, batch_size)
     readouts = method.block_readouts(model, examples, blocks, tokenizer.pad_token_id, tokenizer.eos_token_id, budget,
                                      batch_size) if per_block else []
     records = []

@@ -121,14 +121,17 @@ class Method:
         """Greedy answers to a batch of prompts."""
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache)
 
+    def decode(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+               batch_size: int) -> list[list[int]]:
+        """Greedy answers (token ids) to any number of prompts, ``batch_size`` at a time."""
+        return [tokens for lo in range(0, len(prompts), batch_size)
+                for tokens in self.generate(model, prompts[lo:lo + batch_size], pad_id, eos_id, max_new_tokens).tokens]
+
     def block_readouts(self, model, examples: list[TokenizedExample], blocks: int, pad_id: int, eos_id: int,
                        max_new_tokens: int, batch_size: int) -> list[list[list[int]]]:
         """``out[i][k-1]``: the greedy answer to example i with k blocks, k = 1..K (K decodes by default)."""
-        per_k = []
-        for k in range(1, blocks + 1):
-            prompts = [self.prompt(ex, k) for ex in examples]
-            per_k.append([t for lo in range(0, len(prompts), batch_size) for t in
-                          self.generate(model, prompts[lo:lo + batch_size], pad_id, eos_id, max_new_tokens).tokens])
+        per_k = [self.decode(model, [self.prompt(ex, k) for ex in examples], pad_id, eos_id, max_new_tokens,
+                             batch_size) for k in range(1, blocks + 1)]
         return [[per_k[k][i] for k in range(blocks)] for i in range(len(examples))]
 
 

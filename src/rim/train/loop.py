@@ -10,6 +10,7 @@ directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``layout.txt`` (one de
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from rim.config import Config, ConfigError, StageConfig, save_config, to_dict
+from rim.config import Config, ConfigError, StageConfig, flatten, save_config, to_dict
 from rim.core.batch import collate
 from rim.core.curriculum import readout_weights, token_weights, weighted_readout_loss
 from rim.core.layout import IGNORE, Layout
@@ -193,9 +194,6 @@ class StageData:
     def __init__(self, data: list[TokenizedExample], method: Method, stage: StageConfig, seed: int):
         self.data, self.method, self.stage, self.seed = data, method, stage, seed
         self.fixed = None if method.dynamic else [method.train_layout(ex, stage) for ex in data]
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def lengths(self) -> list[int]:
         """Sequence length of every example (for dynamic methods, at the start of the stage)."""
@@ -407,8 +405,9 @@ def load_weights(model, folder: Path) -> None:
             raise CheckpointError(f"{folder}: adapter weights that the model lacks: {result.unexpected_keys[:3]}")
         return
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {name for name, p in model.state_dict(keep_vars=True).items()
-            if sum(q is p for q in model.state_dict(keep_vars=True).values()) > 1}
+    tensors = model.state_dict(keep_vars=True)
+    uses = collections.Counter(id(t) for t in tensors.values())
+    tied = {name for name, t in tensors.items() if uses[id(t)] > 1}
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{folder}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {unexpected[:3]})")
@@ -599,17 +598,5 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
 
 def flat_config(cfg: Config) -> dict:
     """The config as ``{dotted key: value}`` with plain values (trackers take only scalars)."""
-    out: dict = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{prefix}{i}.")
-        else:
-            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
-
-    walk(to_dict(cfg), "")
-    return out
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(to_dict(cfg)).items()}
