@@ -289,6 +289,15 @@ def test_invalid_utf8_is_a_data_error_with_the_line(tmp_path):
         make_task("gsm8k-aug", {"source": str(tmp_path / "m.txt")}).load("train")
 
 
+def test_a_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path):
+    (tmp_path / "svamp").mkdir()
+    (tmp_path / "svamp/SVAMP.json").write_bytes(b'\xef\xbb\xbf[{"Body": "a.", "Question": "b?", "Answer": 3}]')
+    assert make_task("svamp", {"data_dir": str(tmp_path)}).load("test")[0].answer == "3"
+    (tmp_path / "m.txt").write_bytes(b"\xef\xbb\xbfq1||<<1+1=2>> #### 2\nq2||<<2+2=4>> #### 4\n")
+    examples = make_task("gsm8k-aug", {"source": str(tmp_path / "m.txt")}).load("train")
+    assert [ex.question for ex in examples] == ["q1", "q2"]
+
+
 def test_non_numeric_answers_and_bad_policies_are_refused(tmp_path):
     (tmp_path / "gsm_hard").mkdir()
     (tmp_path / "gsm_hard/gsmhardv2.jsonl").write_text(
@@ -336,10 +345,12 @@ def test_over_long_examples_are_skipped_or_have_their_question_cut_from_the_left
     ("eval.batch_size=0", "eval.batch_size"), ("train.log_every=0", "train.log_every"),
     ("stages.0.steps=0", "stages.0.steps"), ("stages.0.block_weight=cubic", "stages.0.block_weight"),
     ("model.lora_dropout=1.5", "model.lora_dropout"), ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.fsdp=true train.precision=fp16", "train.precision"),
+    ("train.fsdp=true method.name=coconut", "train.fsdp"),
 ])
 def test_config_ranges_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):
-        load_config(None, ["stages.0.epochs=null", "stages.0.steps=1", override])
+        load_config(None, ["stages.0.epochs=null", "stages.0.steps=1", *override.split()])
 
 
 def test_data_config_defaults_are_safe():

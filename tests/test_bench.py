@@ -32,3 +32,24 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
                                                         "ttft_coconut_over_rim_b1", "masked_over_separate"}
     markdown = (tmp_path / "bench-tiny-all.md").read_text()
     assert "| ttft_cot_over_rim_b1 |" in markdown and markdown in capsys.readouterr().out
+
+
+def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(tmp_path, monkeypatch):
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
+    assert main(["bench", "latency", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--batch-sizes", "1,2", "--question-tokens", "12", "--static-cache", "--compile", "eager",
+                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench-tiny-latency.json").read_text())
+    assert results["settings"]["static_cache"] and results["settings"]["compile"] == "eager"
+    for key in ("b1", "b2"):
+        rows = results["latency"][key]
+        variants = {f"{name}_{variant}" for name in ("rim", "nocot") for variant in ("static", "compiled")}
+        assert set(rows) == set(REASONING_TOKENS) | variants
+        assert rows["rim_compiled"]["prompt_tokens"] == rows["rim"]["prompt_tokens"]
+        assert set(results["readouts"][key]) == {"one_pass_ms", "k_decodes_ms"}
+    ratios = results["ratios"]
+    assert {"latency_rim_static_over_rim_b1", "ttft_rim_compiled_over_nocot_compiled_b2",
+            "readouts_k_decodes_over_one_pass_b1", "readouts_k_decodes_over_one_pass_b2"} <= set(ratios)
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    markdown = (tmp_path / "bench-tiny-latency.md").read_text()
+    assert "| rim_static |" in markdown and "| 2 |" in markdown and "K decodes ms" in markdown

@@ -1,18 +1,28 @@
-"""The fast training path against the simple one: logits only at supervised positions (plain, LoRA, Coconut),
-gradient checkpointing, batches bucketed by length, compiled blocks."""
+"""The fast training path against the simple one: logits only at supervised positions (plain, LoRA, Coconut), the
+loss fused with the LM head, gradient checkpointing, batches bucketed by length, compiled blocks."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import FAMILIES, WORDS, make_tiny
 from rim.config import ConfigError, MethodConfig, StageConfig, load_config
+from rim.core import fused_loss
 from rim.core.batch import collate
+from rim.core.curriculum import weighted_readout_loss
 from rim.core.layout import Readout, build_layout, grounding_readouts, refinement_readouts
 from rim.data.tasks import Example, RunningSum
 from rim.methods import METHODS, make_method
-from rim.models.adapter import add_tokens, compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
+from rim.models.adapter import (add_memory_tokens, add_tokens, compile_blocks, enable_gradient_checkpointing,
+                                make_trainable, set_dropout)
 from rim.models.tiny import tiny_model, word_tokenizer
 from rim.train.loop import LengthBuckets, step_loss, stage_weights
 
@@ -59,6 +69,146 @@ def test_supervised_logits_give_the_loss_and_gradients_of_full_logits(family, mo
     weights = stage_weights(batch, stage, 0.4)  # some step readouts already annealed to weight 0
     assert batch["supervised"].numel() < batch["labels"].numel() / 2
     assert_same_loss_and_grads(model, method, batch, weights)
+
+
+def named_grads(model, method, batch, weights, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and the gradient of every trainable parameter (None where none arrived) of the fused or the simple
+    full-logits path."""
+    set_dropout(model, 0.0)
+    model.zero_grad()
+    loss = step_loss(method, model, batch, weights, supervised_logits=fused, fused_loss=fused)
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+                           if p.requires_grad}
+
+
+@pytest.mark.parametrize("stage", [GROUNDING, REFINEMENT], ids=["grounding", "refinement"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2-untied"])
+def test_fused_loss_gives_the_loss_and_gradients_of_full_logits(monkeypatch, family, mode, stage):
+    if family == "gpt2-untied":  # the head is its own weight: trained in full mode, frozen under LoRA
+        tok = word_tokenizer(WORDS)
+        model = tiny_model(len(tok), "gpt2", hidden=32, heads=4, tie_word_embeddings=False)
+        mem = add_memory_tokens(tok, model)
+    else:
+        model, tok, mem = make_tiny(family)
+    model = make_trainable(model, mem.all, mode, lora_rank=2).train()
+    method = make_method(MethodConfig(name="rim"), tok)
+    batch = rim_batch(mem, stage)
+    weights = stage_weights(batch, stage, 0.4)
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 3 * len(tok))  # chunks of 3 rows: several run
+    assert batch["supervised"].numel() > 3 * fused_loss.chunk_rows(len(tok))
+    fused, fused_grads = named_grads(model, method, batch, weights, True)
+    full, full_grads = named_grads(model, method, batch, weights, False)
+    assert torch.allclose(fused, full, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == full_grads.keys()
+    head = model.get_output_embeddings()
+    assert any(p.requires_grad for p in head.parameters()) == (family != "gpt2-untied" or mode == "full")
+    for name, grad in full_grads.items():
+        assert (grad is None) == (fused_grads[name] is None), name  # gradients reach exactly the same tensors
+        assert grad is None or torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["whole-weight", "replaced-rows"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_linear_cross_entropy_equals_the_weighted_loss_of_its_logits(autocast, replaced):
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    weight, bias = torch.randn(40, 8, requires_grad=True), torch.randn(40, requires_grad=True)
+    index, values = torch.tensor([3, 17, 39]), torch.randn(3, 8, requires_grad=True)  # peft's trainable tokens
+    labels = torch.randint(0, 40, (11,))
+    labels[:3] = index  # the replaced rows are some labels too
+    weights = torch.rand(11) * (torch.arange(11) % 4 != 0)  # some positions annealed to weight 0
+    inputs = (hidden, weight, bias, values) if replaced else (hidden, weight, bias)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = fused_loss.fused_linear_cross_entropy(hidden, weight, bias, labels, weights,
+                                                             (index, values) if replaced else None, rows=4)
+            else:
+                w = weight.index_copy(0, index, values) if replaced else weight
+                loss = weighted_readout_loss(F.linear(hidden, w, bias), labels, weights)
+        results.append([loss, *torch.autograd.grad(loss * 3, inputs)])
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.allclose(a, b, **tol)
+    with torch.no_grad():  # evaluation: the loss alone, no gradients computed
+        assert torch.allclose(fused_loss.fused_linear_cross_entropy(hidden, weight, bias, labels, weights,
+                                                                    (index, values) if replaced else None, 4),
+                              results[1][0].detach(), **tol)
+    zero = fused_loss.fused_linear_cross_entropy(hidden, weight, None, labels, torch.zeros(11))
+    assert zero.item() == 0 and zero.requires_grad
+
+
+def test_fused_loss_is_refused_where_it_would_be_wrong():
+    model, tok, mem = make_tiny("llama")
+    method = make_method(MethodConfig(name="rim"), tok)
+    batch = rim_batch(mem, GROUNDING)
+    weights = stage_weights(batch, GROUNDING, 0.0)
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: out * 2)  # a logit scale
+    with pytest.raises(ValueError, match="fused_loss=false"):
+        step_loss(method, model, batch, weights, fused_loss=True)
+    handle.remove()
+    lora_head = make_trainable(make_tiny("llama")[0], [], "lora", lora_rank=2, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="peft.tuners.lora.layer.Linear is not a plain linear layer"):
+        step_loss(method, lora_head, batch, weights, fused_loss=True)
+    add_tokens(tok, model, METHODS["coconut"].special_tokens)
+    coconut = make_method(MethodConfig(name="coconut"), tok)
+    with pytest.raises(ConfigError, match="standard forward"):
+        step_loss(coconut, model, batch, weights, fused_loss=True)
+    for overrides in (["train.fused_loss=true", "train.supervised_logits=false"],
+                      ["train.fused_loss=true", "method.name=coconut", "stages=[{name: a, kind: latent, steps: 1}]"]):
+        with pytest.raises(ConfigError, match="train.fused_loss"):
+            load_config(None, overrides)
+
+
+def test_training_with_fused_loss_takes_the_same_steps(tmp_path):
+    from rim.train.loop import train
+
+    def losses(fused: bool) -> list[float]:
+        cfg = load_config(None, [
+            "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "data.options={n_train: 32}",
+            "stages=[{name: g, kind: grounding, steps: 3}, {name: r, kind: refinement, steps: 2}]",
+            "train.batch_size=8", "train.progress=false", "train.log_every=1", f"train.fused_loss={str(fused).lower()}",
+            f"output_dir={tmp_path / str(fused)}", "train.device=cpu"])
+        lines = (train(cfg) / "metrics.jsonl").read_text().splitlines()
+        return [e["loss"] for e in map(json.loads, lines) if e["event"] == "train"]
+
+    fused, simple = losses(True), losses(False)
+    assert len(fused) == 5 and fused == pytest.approx(simple, rel=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun not installed")
+def test_fused_loss_under_ddp_trains_like_one_process_without_it(tmp_path):
+    """The fused loss runs inside the DDP-wrapped forward: two gloo processes take one process's steps."""
+    from test_distributed import CONFIG, losses, run
+
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    run([sys.executable, "-m", "rim.cli", "train", "c.yaml", "output_dir=one"], tmp_path)
+    run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "train", "c.yaml", "output_dir=two",
+         "train.fused_loss=true"], tmp_path)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() and all(two[k] == pytest.approx(one[k], abs=1e-4) for k in one)
+    a, b = (load_file(tmp_path / d / "checkpoint" / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
+    from rim.bench import SHAPES, BenchSettings, Shape, run_bench
+
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    results = run_bench("train", "tiny", "cpu", tmp_path, BenchSettings(question_tokens=12, train_batch=2, repeats=1,
+                                                                        warmup=0, compile_train=True))
+    assert compiled == ["LlamaDecoderLayer"] * 2
+    for i, stage in enumerate(("grounding", "refinement"), start=1):
+        assert {"plain", "rim_full", "rim_supervised", "rim_fused", "rim_compiled"} <= set(results["train"][stage])
+        assert {f"train_stage{i}_fused_over_plain", f"train_stage{i}_compiled_over_plain"} <= set(results["ratios"])
+    assert "| refinement | rim_compiled |" in (tmp_path / "bench-tiny-train.md").read_text()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -120,6 +120,35 @@ def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, 
     assert "train.max_grad_norm: 1.0 -> 0.5" in capsys.readouterr().out
 
 
+def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path, monkeypatch):
+    """``best/`` is replaced on every improvement: the old folder is moved aside first, so a crash before the new
+    one is in place leaves ``best.old``, which the next start puts back."""
+    from conftest import make_tiny
+
+    model, tok, _ = make_tiny("llama")
+    cfg = load_config()
+    best = tmp_path / "best"
+    loop.write_checkpoint(model, tok, cfg, best, {"step": 1})
+    real_replace = os.replace
+
+    def crash_on_the_new_folder(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.os, "replace", crash_on_the_new_folder)
+        with pytest.raises(OSError, match="simulated crash"):
+            loop.write_checkpoint(model, tok, cfg, best, {"step": 2})
+    assert not best.exists() and (tmp_path / "best.old").is_dir()
+    loop.restore_moved_aside(tmp_path)
+    verify(best)
+    assert json.loads((best / "rim.json").read_text())["step"] == 1 and not (tmp_path / "best.old").exists()
+    loop.write_checkpoint(model, tok, cfg, best, {"step": 3})  # a normal replacement leaves nothing aside
+    assert json.loads((best / "rim.json").read_text())["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     run = train(config(tmp_path, "run", [*RIM, "train.keep_last=2"]))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-11"]

@@ -3,9 +3,11 @@ against a plain causal step. Every comparison is a ratio of two numbers measured
 
     rim bench all --shape tiny                              # CPU, a few minutes
     rim bench all --shape llama-3.2-1b --out runs/bench     # GPU; random weights (speed does not depend on them)
+    rim bench latency --static-cache --compile              # + static KV cache, compiled decoding steps
 
 Everything runs through the real code paths: prompts from ``Method.prompt``, decoding through ``Method.generate``,
-RiM's training step through ``Method.forward`` and ``step_loss``. Each measurement: warm-up runs, then repeats,
+the answers after every block through ``Method.block_readouts`` (RiM's one pass and the base K decodes), RiM's
+training step through ``Method.forward`` and ``step_loss``. Each measurement: warm-up runs, then repeats,
 each between two device synchronisations; medians. On a GPU, training runs under bf16 autocast (as ``rim train``)
 and inference in bf16 weights; on a CPU both in fp32. Writes ``bench-<shape>-<suite>.json`` (numbers, ratios,
 targets and the environment: device, versions, commit) and the same as a Markdown table.
@@ -33,8 +35,8 @@ from rim.config import MethodConfig, StageConfig
 from rim.core.batch import collate
 from rim.core.layout import PAD, Readout, build_layout
 from rim.data.tasks import Example
-from rim.methods.base import METHODS, TokenizedExample, make_method
-from rim.models.adapter import add_tokens, logits_at, make_trainable, masked_forward, set_dropout
+from rim.methods.base import METHODS, Method, TokenizedExample, make_method
+from rim.models.adapter import add_tokens, compile_blocks, logits_at, make_trainable, masked_forward, set_dropout
 from rim.models.tiny import SPECIAL, word_tokenizer
 from rim.train.loop import stage_weights, step_loss
 
@@ -63,6 +65,7 @@ SHAPES = {
 # with its ``####``), Coconut the ``####`` after its thoughts; the others answer right after the prompt
 REASONING_TOKENS = {"nocot": 0, "rim": 0, "pause": 0, "coconut": 1, "cot": 37}
 NO_STOP = -1  # an EOS id no model produces: every method decodes exactly its budget
+STATIC_METHODS = ("nocot", "rim")  # timed with a static KV cache too, when asked
 
 # dense bf16 peak FLOP/s by device name (first match), for model FLOP utilisation
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -92,8 +95,11 @@ class BenchSettings:
     memory_tokens: int = 2  # M
     thoughts: int = 6  # Coconut's continuous thoughts (3 steps x 2)
     batch_sizes: tuple[int, ...] = (1, 64)  # latency
+    static_cache: bool = False  # latency: also No-CoT and RiM decoded into a static KV cache (rows <method>_static)
+    compile: bool | str = False  # ... and with compiled decoding steps, static cache (rows <method>_compiled)
     train_batch: int = 32
     train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
+    compile_train: bool = False  # also time the training step through torch.compile'd blocks (rim_compiled)
     warmup: int = 2
     repeats: int = 10
     seed: int = 0
@@ -174,18 +180,26 @@ def method_config(name: str, s: BenchSettings) -> MethodConfig:
 
 
 def bench_latency(model, tokenizer, s: BenchSettings, device: torch.device) -> dict:
-    """Time to the first answer token and full latency of every method, per batch size (medians)."""
+    """Time to the first answer token and full latency of every method, per batch size (medians); with
+    ``s.static_cache`` / ``s.compile`` also No-CoT and RiM with a static KV cache, without / with compiled decoding
+    steps (rows ``<method>_static`` / ``<method>_compiled``)."""
     model.eval()
+    rows = {name: (name, "dynamic", False) for name in REASONING_TOKENS}
+    for name in STATIC_METHODS:
+        if s.static_cache:
+            rows[f"{name}_static"] = (name, "static", False)
+        if s.compile:
+            rows[f"{name}_compiled"] = (name, "static", s.compile)
     out = {}
     for batch_size in s.batch_sizes:
         examples = synthetic_examples(batch_size, tokenizer, s, s.seed)
-        out[f"b{batch_size}"] = {name: time_method(model, tokenizer, name, examples, s, device)
-                                 for name in REASONING_TOKENS}
+        out[f"b{batch_size}"] = {row: time_method(model, tokenizer, name, examples, s, device, cache, compile)
+                                 for row, (name, cache, compile) in rows.items()}
     return out
 
 
 def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s: BenchSettings,
-                device: torch.device) -> dict:
+                device: torch.device, cache: str = "dynamic", compile: bool | str = False) -> dict:
     """One method's medians over a batch: its prompts through its own ``generate``."""
     method = make_method(method_config(name, s), tokenizer)
     prompts = [method.prompt(ex, s.blocks) for ex in examples]
@@ -194,7 +208,7 @@ def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s
     firsts, totals = [], []
 
     def decode() -> None:
-        gen = method.generate(model, prompts, tokenizer.pad_token_id, NO_STOP, budget)
+        gen = method.generate(model, prompts, tokenizer.pad_token_id, NO_STOP, budget, cache=cache, compile=compile)
         firsts.append(gen.step_s[reasoning])
         totals.append(gen.total_s)
 
@@ -202,6 +216,22 @@ def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s
     return {"ttft_ms": 1e3 * statistics.median(firsts[s.warmup:]),
             "latency_ms": 1e3 * statistics.median(totals[s.warmup:]), "prompt_tokens": len(prompts[0]),
             "generated_tokens": budget, "latent_passes": s.thoughts + 1 if name == "coconut" else 0}
+
+
+def bench_readouts(model, tokenizer, s: BenchSettings, device: torch.device) -> dict:
+    """RiM's answers after every block k = 1..K (any-block accuracy), per batch size (medians): its one masked pass
+    per generated token (``RiM.block_readouts``) against K decodes of ``question + k blocks`` (``Method``'s)."""
+    method = make_method(method_config("rim", s), tokenizer)
+    paths = {"one_pass": method.block_readouts, "k_decodes": partial(Method.block_readouts, method)}
+    out = {}
+    for batch_size in s.batch_sizes:
+        examples = synthetic_examples(batch_size, tokenizer, s, s.seed)
+        out[f"b{batch_size}"] = {
+            f"{path}_ms": 1e3 * statistics.median(timed(
+                partial(fn, model, examples, s.blocks, tokenizer.pad_token_id, NO_STOP, s.answer_tokens, batch_size),
+                device, s.warmup, s.repeats))
+            for path, fn in paths.items()}
+    return out
 
 
 def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -212,8 +242,9 @@ def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: torch.device, mode: str) -> dict:
-    """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full and supervised logits) on
-    each stage's batch; then one masked pass over K readouts against K separate passes (forward only)."""
+    """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full logits, supervised logits,
+    fused loss) on each stage's batch; then one masked pass over K readouts against K separate passes (forward
+    only); last, with ``s.compile_train``, RiM's step (supervised logits) through compiled blocks."""
     n_params = sum(p.numel() for p in model.parameters())
     model = make_trainable(model, new_ids, mode, lora_rank=128)
     set_dropout(model, 0.0)
@@ -225,32 +256,44 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
     method = make_method(method_config("rim", s), tokenizer)
     examples = synthetic_examples(s.train_batch, tokenizer, s, s.seed + 1)
     out: dict = {"train_mode": mode, "trainable_parameters": sum(p.numel() for p in params), "parameters": n_params}
-    for stage in (StageConfig(name="grounding", kind="grounding", steps=1, block_weight="uniform"),
-                  StageConfig(name="refinement", kind="refinement", steps=1)):
-        batch = {k: v.to(device) for k, v in method.collate([method.train_layout(ex, stage) for ex in examples],
-                                                            tokenizer.pad_token_id).items()}
+    stages = (StageConfig(name="grounding", kind="grounding", steps=1, block_weight="uniform"),
+              StageConfig(name="refinement", kind="refinement", steps=1))
+    batches = [{k: v.to(device) for k, v in method.collate([method.train_layout(ex, stage) for ex in examples],
+                                                           tokenizer.pad_token_id).items()} for stage in stages]
+
+    def measure(loss_fn: Callable[[], torch.Tensor], tokens: int) -> dict:
+        reset_peak_memory(device)
+        seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast), device, s.warmup,
+                                          s.repeats))
+        return {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(device),
+                "mfu": mfu(n_params, tokens / seconds, device)}
+
+    for stage, batch in zip(stages, batches):
         tokens = batch["input_ids"].numel()
-        rows: dict = {"tokens": tokens, "supervised_tokens": batch["supervised"].numel()}
-        for name, loss_fn in step_losses(model, method, batch, stage).items():
-            reset_peak_memory(device)
-            seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast), device, s.warmup,
-                                              s.repeats))
-            rows[name] = {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds,
-                          "peak_memory_mb": peak_memory_mb(device), "mfu": mfu(n_params, tokens / seconds, device)}
-        out[stage.name] = rows
+        out[stage.name] = {"tokens": tokens, "supervised_tokens": batch["supervised"].numel(),
+                           **{name: measure(loss_fn, tokens)
+                              for name, loss_fn in step_losses(model, method, batch, stage).items()}}
     model.eval()
     with torch.no_grad(), autocast:
         out["masked_vs_separate"] = bench_masked_pass(model, method, examples, s, device)
+    if s.compile_train:  # last: compiling changes the model in place (the warm-up runs include the compiling)
+        compile_blocks(model)
+        model.train()
+        for stage, batch in zip(stages, batches):
+            out[stage.name]["rim_compiled"] = measure(step_losses(model, method, batch, stage)["rim_supervised"],
+                                                      out[stage.name]["tokens"])
     return out
 
 
 def step_losses(model, method, batch: dict[str, torch.Tensor], stage: StageConfig
                 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The compared losses of one batch: the plain HF step, and RiM's real step with full or supervised logits."""
+    """The compared losses of one batch: the plain HF step, and RiM's real step with full or supervised logits or
+    the loss fused with the LM head."""
     weights = stage_weights(batch, stage, 0.5)
     return {"plain": lambda: plain_loss(model, batch),
             "rim_full": lambda: step_loss(method, model, batch, weights, supervised_logits=False),
-            "rim_supervised": lambda: step_loss(method, model, batch, weights)}
+            "rim_supervised": lambda: step_loss(method, model, batch, weights),
+            "rim_fused": lambda: step_loss(method, model, batch, weights, fused_loss=True)}
 
 
 def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, autocast) -> None:
@@ -311,14 +354,23 @@ def ratios(results: dict) -> dict[str, float]:
             out[f"{metric}_rim_over_nocot_{key}"] = value["rim"] / value["nocot"]
             for other in ("cot", "coconut", "pause"):
                 out[f"{metric}_{other}_over_rim_{key}"] = value[other] / value["rim"]
+            for variant in ("static", "compiled"):
+                if f"rim_{variant}" in value:
+                    for name in STATIC_METHODS:
+                        out[f"{metric}_{name}_{variant}_over_{name}_{key}"] = value[f"{name}_{variant}"] / value[name]
+                    out[f"{metric}_rim_{variant}_over_nocot_{variant}_{key}"] = (value[f"rim_{variant}"]
+                                                                                 / value[f"nocot_{variant}"])
+    for key, row in results.get("readouts", {}).items():
+        out[f"readouts_k_decodes_over_one_pass_{key}"] = row["k_decodes_ms"] / row["one_pass_ms"]
     train = results.get("train")
     if train:
         for i, stage in enumerate(("grounding", "refinement"), start=1):
-            rows = train[stage]
-            speed = {name: rows[name]["tokens_per_s"] for name in ("plain", "rim_full", "rim_supervised")}
+            speed = {name: row["tokens_per_s"] for name, row in train[stage].items() if isinstance(row, dict)}
             out[f"train_stage{i}_rim_over_plain"] = speed["rim_supervised"] / speed["plain"]
             out[f"train_stage{i}_supervised_over_full"] = speed["rim_supervised"] / speed["rim_full"]
-            out[f"train_stage{i}_full_over_plain"] = speed["rim_full"] / speed["plain"]
+            for name in ("full", "fused", "compiled"):
+                if f"rim_{name}" in speed:
+                    out[f"train_stage{i}_{name}_over_plain"] = speed[f"rim_{name}"] / speed["plain"]
         passes = train["masked_vs_separate"]
         out["masked_over_separate"] = passes["separate_ms"] / passes["one_masked_ms"]
     return out
@@ -384,6 +436,7 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
                      "environment": environment(dev, infer_dtype)}
     if suite in ("latency", "all"):
         results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)
+        results["readouts"] = bench_readouts(model, tokenizer, s, dev)
         model.float()
     if suite in ("train", "all"):
         new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
@@ -417,6 +470,12 @@ def markdown(results: dict) -> str:
         lines += [f"| {name} | {r['prompt_tokens']} | {r['generated_tokens']} | {_fmt(r['ttft_ms'])} | "
                   f"{_fmt(r['latency_ms'])} |" for name, r in rows.items()]
         lines.append("")
+    if results.get("readouts"):
+        lines += [f"RiM's answers after every block k = 1..{results['settings']['blocks']} (medians):", "",
+                  "| batch | one masked pass per token ms | K decodes ms |", "|---|---|---|"]
+        lines += [f"| {key[1:]} | {_fmt(r['one_pass_ms'])} | {_fmt(r['k_decodes_ms'])} |"
+                  for key, r in results["readouts"].items()]
+        lines.append("")
     train = results.get("train")
     if train:
         lines += [f"Training step ({train['train_mode']}; {train['trainable_parameters']:,} trainable parameters, "
@@ -425,8 +484,9 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for stage in ("grounding", "refinement"):
             rows = train[stage]
-            for name in ("plain", "rim_full", "rim_supervised"):
-                r = rows[name]
+            for name, r in rows.items():
+                if not isinstance(r, dict):
+                    continue
                 lines.append(f"| {stage} | {name} | {rows['tokens']} ({rows['supervised_tokens']}) | "
                              f"{_fmt(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {_fmt(r['peak_memory_mb'], 0)} | "
                              f"{_fmt(r['mfu'], 3)} |")

@@ -49,13 +49,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.checkpoint != "checkpoint":
             raise ConfigError("--protocol splits scores every saved checkpoint; it takes no --checkpoint")
         summary = eval_protocol(args.run, args.split, args.n_splits, args.select_size, device=args.device,
-                                max_eval=args.max_eval, blocks=args.blocks, task_name=args.task)
+                                max_eval=args.max_eval, blocks=args.blocks, task_name=args.task,
+                                overrides=decoding_overrides(args))
         print(f"accuracy {100 * summary['mean']:.2f} +- {100 * summary['se']:.2f} (mean +- SE over "
               f"{summary['n_splits']} splits; selection on {summary['select_size']}, scoring on "
               f"{summary['score_size']}); checkpoints chosen: {sorted(set(summary['chosen_names']))}")
         return
     result = eval_run(args.run, split=args.split, blocks=args.blocks, max_eval=args.max_eval, device=args.device,
-                      checkpoint=args.checkpoint, task_name=args.task)
+                      checkpoint=args.checkpoint, task_name=args.task, overrides=decoding_overrides(args))
     print(json.dumps(result.metrics, indent=2))
 
 
@@ -97,7 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
-                             repeats=args.repeats)
+                             repeats=args.repeats, static_cache=args.static_cache,
+                             compile=args.compile, compile_train=args.compile_train)
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -117,7 +119,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         lines = sys.stdin  # read as it comes: each answer is printed before the next question is read
     else:
         lines = Path(args.file).read_text(encoding="utf-8").splitlines()
-    served = open_run(args.run, args.checkpoint, args.device, args.blocks, args.max_new_tokens)
+    served = open_run(args.run, args.checkpoint, args.device, args.blocks, args.max_new_tokens,
+                      decoding_overrides(args))
     for record in answer(served, read_questions(lines), args.block_readouts):
         print(json.dumps(record), flush=True)
 
@@ -140,6 +143,21 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     print(summary(analyze_run(args.run, args.checkpoints, args.probe_split, args.score_split, args.max, args.device,
                               args.l2)), end="")
+
+
+def decoding_overrides(args: argparse.Namespace) -> list[str]:
+    """``--cache`` and ``--compile`` as overrides of the run's ``eval.cache`` and ``eval.compile`` (``--compile``
+    alone implies the static cache it needs)."""
+    cache = args.cache or ("static" if args.compile else None)
+    return [f"eval.{key}={value}" for key, value in (("cache", cache), ("compile", args.compile)) if value]
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", choices=["dynamic", "static"], default=None,
+                   help="KV cache of decoding (default: eval.cache of the run, dynamic)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the decoding steps (static cache): reduce-overhead (CUDA graphs; the "
+                        "default on a GPU), default, max-autotune, or a torch.compile backend")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random subsets of the split, score on the rest, mean +- SE")
     p.add_argument("--n-splits", type=int, default=16)
     p.add_argument("--select-size", type=int, default=264)
+    add_decoding_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train and score several methods on one model, data and budget; one table")
@@ -204,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-mode", default="auto", choices=["auto", "full", "lora"],
                    help="what trains (auto: full for tiny, LoRA rank 128 otherwise, as rim train)")
     p.add_argument("--question-tokens", type=int, default=100)
+    p.add_argument("--static-cache", action="store_true",
+                   help="latency: also No-CoT and RiM with a static KV cache (rows nocot_static, rim_static)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
+                        "*_compiled; MODE as for rim eval --compile)")
+    p.add_argument("--compile-train", action="store_true",
+                   help="train: also RiM's step through torch.compile'd blocks (row rim_compiled; the compiling "
+                        "happens in the warm-up runs)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("answer", help="answer questions with a trained run; one JSON line per question")
@@ -219,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation budget (default: the task's answer budget; CoT-style: plus the longest "
                         "reasoning of the evaluation split)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_decoding_flags(p)
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("export", help="write a run as a standard Hugging Face checkpoint with a model card")

@@ -114,9 +114,11 @@ class TrainConfig:
     save_every: int | None = None  # a resumable checkpoint every N optimizer steps (checkpoints/step-N)
     keep_last: int | None = None  # keep only the newest N of those (None: all, as the paper's protocol needs)
     supervised_logits: bool = True  # logits only where a label is (the vocabulary may be 128k); false: everywhere
+    fused_loss: bool = False  # the loss fused with the LM head, a chunk of rows at a time: no logits tensor at all
     bucket_by_length: bool = False  # batches of examples of similar length (less padding), drawn from the seed
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
     compile: bool = False  # torch.compile each transformer block (compiling costs time on the first batches)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (torch FSDP2)
     trackers: list = field(default_factory=list)  # also log to these accelerate trackers: tensorboard, wandb, ...
     tracker_project: str = "rim"  # project / experiment name for the trackers
 
@@ -129,6 +131,8 @@ class EvalConfig:
     blocks: int | None = None  # K at inference; None: method.blocks
     any_block: bool = True  # also decode after every block (RiM): any-block accuracy and per-block readouts
     latency_examples: int = 20  # problems timed one by one at batch 1 for TTFT and latency
+    cache: str = "dynamic"  # KV cache of decoding: dynamic, or static (preallocated; what compile needs)
+    compile: bool | str = False  # torch.compile the decoding steps (true, or a mode such as reduce-overhead)
     select_split: str | None = None  # evaluate on this split during training and keep the best checkpoint (best/)
     every: int | None = None  # ... every N optimizer steps (and at the end of each stage)
     select_max: int | None = None  # use only the first N problems of the selection split
@@ -252,7 +256,8 @@ def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
     from rim.core.curriculum import BLOCK_SCHEDULES, STEP_SCHEDULES
     from rim.data.records import ON_ERROR
-    from rim.methods.base import METHODS, TOO_LONG, method_class
+    from rim.infer.generate import CACHES
+    from rim.methods.base import METHODS, TOO_LONG, Method, method_class
 
     method_class("rim")  # registers the built-in methods
     kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
@@ -285,6 +290,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0 (0: no clipping)"),
         (cfg.train.log_every >= 1, "train.log_every", ">= 1"),
         (cfg.train.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "auto, no, bf16 or fp16"),
+        (not (cfg.train.fsdp and cfg.train.precision == "fp16"), "train.precision",
+         "auto, no or bf16 with train.fsdp (fp16 would need a sharded gradient scaler)"),
+        (not (cfg.train.fsdp and cfg.method.name == "coconut"), "train.fsdp",
+         "false for coconut (its latent passes embed outside the model's forward, where FSDP holds only shards)"),
         (not (cfg.model.name == "tiny" and cfg.model.train_mode == "lora"), "model.train_mode",
          "'full' for model.name=tiny (a randomly initialised model is trained from scratch)"),
     ]
@@ -318,10 +327,16 @@ def validate(cfg: Config) -> None:
         (all(t in TRACKERS for t in cfg.train.trackers), "train.trackers", f"a list of {', '.join(TRACKERS)}"),
         (not (cfg.train.gradient_checkpointing and cfg.method.name == "coconut"), "train.gradient_checkpointing",
          "false for coconut (its latent passes need the KV cache, which checkpointing turns off)"),
+        (not cfg.train.fused_loss or cfg.train.supervised_logits, "train.fused_loss",
+         "false when train.supervised_logits is false (it computes the loss at the supervised positions only)"),
+        (not cfg.train.fused_loss or METHODS.get(cfg.method.name, Method).forward is Method.forward,
+         "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1"),
         (cfg.eval.blocks is None or cfg.eval.blocks >= 1, "eval.blocks", ">= 1"),
         (cfg.eval.latency_examples >= 0, "eval.latency_examples", ">= 0"),
+        (cfg.eval.cache in CACHES, "eval.cache", " or ".join(CACHES)),
+        (not cfg.eval.compile or cfg.eval.cache == "static", "eval.compile", "false unless eval.cache is static"),
     ]
     for ok, key, want in checks:
         if not ok:

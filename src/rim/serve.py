@@ -62,10 +62,10 @@ def generation_budget(cfg: Config, task: Task, method: Method, tokenizer) -> int
 
 
 def open_run(run_dir: str | Path, checkpoint: str = "checkpoint", device: str = "auto", blocks: int | None = None,
-             max_new_tokens: int | None = None) -> Served:
+             max_new_tokens: int | None = None, overrides: list[str] | None = None) -> Served:
     """Load a run for answering; LoRA is merged into the base weights (faster, and the weights ``rim export``
-    writes). ``blocks`` (K) applies to methods with memory blocks only."""
-    cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
+    writes). ``blocks`` (K) applies to methods with memory blocks only; ``overrides``: as for ``load_run``."""
+    cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint, overrides)
     if blocks is not None and not method.any_block:
         raise ConfigError(f"--blocks: method {method.name!r} has no memory blocks")
     if hasattr(model, "merge_and_unload"):

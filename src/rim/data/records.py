@@ -40,9 +40,10 @@ class DataError(ValueError):
 
 
 def decode(raw: bytes, where: str) -> str:
-    """UTF-8 text of ``raw``; bytes that are not UTF-8 raise DataError (with the offset) instead of a traceback."""
+    """UTF-8 text of ``raw`` without a leading byte-order mark (editors on Windows write one at the start of a
+    file); bytes that are not UTF-8 raise DataError (with the offset) instead of a traceback."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})",
                         "not UTF-8") from None
@@ -62,7 +63,7 @@ def read_json_file(path: Path) -> Any:
     """The JSON value of a whole file; bad UTF-8 or JSON raise DataError naming the file and line."""
     data = path.read_bytes()
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path}, line {line}: not UTF-8 (byte {err.start} of the file)", "not UTF-8") from None

@@ -23,12 +23,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "checkpoint"
-             ) -> tuple[Config, torch.nn.Module, object, Method, Task]:
+def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "checkpoint",
+             overrides: list[str] | None = None) -> tuple[Config, torch.nn.Module, object, Method, Task]:
     """Config, trained model (eval mode), tokenizer, method and task of a run directory.
 
     ``checkpoint``: ``checkpoint`` (the final one), ``best`` (best on the selection split) or a path inside the
-    run directory such as ``checkpoints/step-400``.
+    run directory such as ``checkpoints/step-400``. ``overrides``: ``key=value`` over the run's config for this
+    load only, e.g. ``eval.cache=static`` (the method decodes as ``eval.cache`` and ``eval.compile`` say).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,7 +37,7 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     ckpt = run_dir / checkpoint
     if not (ckpt / "rim.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no finished checkpoint (rim.json missing); did `rim train` complete?")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     remote = cfg.model.trust_remote_code  # as in training: a checkpoint's own code runs only if the user said so
     tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=remote)
@@ -53,24 +54,26 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
         add_tokens(base_tokenizer, base, method_class(cfg.method.name).special_tokens)  # as in training
         model = PeftModel.from_pretrained(base, ckpt)
     method = make_method(cfg.method, tokenizer)
+    method.cache, method.compile = cfg.eval.cache, cfg.eval.compile
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
 
 
 def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None = None, max_eval: int | None = None,
              device: str = "auto", out_name: str | None = None, checkpoint: str = "checkpoint",
-             task_name: str | None = None, full: bool = True) -> EvalResult:
+             task_name: str | None = None, full: bool = True, overrides: list[str] | None = None) -> EvalResult:
     """Evaluate a run on a split; writes ``<out_name>/results.json`` and ``predictions.jsonl`` into the run dir.
 
     ``task_name`` scores another task than the trained one (out-of-distribution, e.g. ``gsm-hard``), read from
     the same data directory. Results go to ``eval[-<task>][-<checkpoint>]/`` unless ``out_name`` says otherwise.
-    ``full=False`` skips the per-block decodes and the latency timing (final-block accuracy only).
+    ``full=False`` skips the per-block decodes and the latency timing (final-block accuracy only); ``overrides``:
+    as for ``load_run``.
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # joins `accelerate launch`/torchrun
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
-    cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
+    cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint, overrides)
     if task_name is not None:
         task = make_task(task_name, {k: v for k, v in cfg.data.options.items() if k == "data_dir"})
     if out_name is None:
@@ -103,7 +106,7 @@ def checkpoints_of(run_dir: str | Path) -> list[str]:
 
 def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int = 16, select_size: int = 264,
                   seed: int = 0, device: str = "auto", max_eval: int | None = None, blocks: int | None = None,
-                  task_name: str | None = None) -> dict:
+                  task_name: str | None = None, overrides: list[str] | None = None) -> dict:
     """The paper's protocol over every checkpoint of a run (``rim.eval.protocol.split_protocol``); writes
     ``eval-protocol/results.json`` and each checkpoint's predictions."""
     names = checkpoints_of(run_dir)
@@ -113,7 +116,8 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
     correct, per_checkpoint = [], {}
     for name in names:
         out_name = f"{out_dir}/{name.replace('/', '_')}"
-        result = eval_run(run_dir, split, blocks, max_eval, device, out_name, name, task_name, full=False)
+        result = eval_run(run_dir, split, blocks, max_eval, device, out_name, name, task_name, full=False,
+                          overrides=overrides)
         split = result.metrics["split"]
         correct.append([r["correct"] for r in result.records])
         per_checkpoint[name] = result.metrics["final_block_accuracy"]

@@ -3,16 +3,27 @@
 Prompts are left-padded so every sequence's next token sits in the last column; position ids count real tokens
 only (a padded prompt gets the positions it would have alone), and each sequence stops at its own EOS.
 With ``use_cache=False`` every step re-runs the whole sequence: the slow reference the tests compare against.
+
+``cache="static"`` decodes into a preallocated KV cache (transformers' ``StaticCache``) and ``compile`` runs the
+decoding steps through ``torch.compile``: fixed shapes at every step, which is what CUDA graphs need (mode
+``reduce-overhead``, the default on a GPU). Both are off by default and meant for a GPU: on a CPU the static cache
+measured slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+CACHES = ("dynamic", "static")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+STATIC_CHUNK = 64  # static caches are sized in multiples of this, so batches of similar length share one
 
 
 @dataclass
@@ -43,33 +54,88 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids, mask
 
 
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (shape key, its last StaticCache)
+
+
+def static_cache(model: nn.Module, batch: int, length: int):
+    """A ``StaticCache`` for ``batch`` sequences of at least ``length`` tokens, reset; the model's previous one when
+    it has that size, so that a compiled decoding step keeps its tensors (and CUDA graphs) from call to call."""
+    from transformers import StaticCache
+
+    param = next(model.parameters())
+    key = (batch, -(-length // STATIC_CHUNK) * STATIC_CHUNK, param.dtype, param.device)
+    if model in _STATIC and _STATIC[model][0] == key:
+        cache = _STATIC[model][1]
+        cache.reset()
+        return cache
+    cache = StaticCache(config=model.config, max_cache_len=key[1])
+    _STATIC[model] = key, cache
+    return cache
+
+
+@functools.cache
+def _compiled(forward, how: str):
+    return torch.compile(forward, mode=how) if how in COMPILE_MODES else torch.compile(forward, backend=how)
+
+
+def decoding_forward(model: nn.Module, compile: bool | str):
+    """The forward of the decoding steps: the model itself, or its class's forward compiled once per ``compile`` and
+    shared by every call. ``True``: mode ``reduce-overhead`` (CUDA graphs) on a GPU, ``default`` elsewhere; a
+    string: an inductor mode, or else a ``torch.compile`` backend (``eager``: tracing only, to check a model)."""
+    if not compile:
+        return model
+    if compile is True:
+        compile = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "default"
+    return functools.partial(_compiled(type(model).forward, compile), model)
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                    use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None) -> Generation:
+                    use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None,
+                    cache: str = "dynamic", compile: bool | str = False) -> Generation:
     """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch.
 
     ``latents`` > 0 (continuous thoughts, e.g. Coconut): after the prompt, that many positions take the previous
     position's last hidden state as their input embedding, then the ``after_latents`` tokens follow, and only then
-    does decoding start (the time to the first token includes the thoughts).
+    does decoding start (the time to the first token includes the thoughts). ``cache``: ``dynamic`` (grows each
+    step) or ``static`` (preallocated for prompt + latent passes + ``max_new_tokens``); ``compile``: run the
+    decoding steps through ``torch.compile`` (a mode name, or True for the device's default), static cache only.
     """
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
+    if cache == "static" and not use_cache:
+        raise ValueError("cache='static' needs use_cache=True")
+    if compile and cache != "static":
+        raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step: it would recompile)")
     device = next(model.parameters()).device
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
-    batch = ids.shape[0]
+    batch, length = ids.shape
     embedded = bool(latents or after_latents)  # latent methods feed embeddings throughout
     embed = model.get_input_embeddings() if embedded else None
     key = "inputs_embeds" if embedded else "input_ids"
     as_input = embed if embedded else (lambda x: x)  # token ids -> what the model is fed
     plan = ["latent"] * latents + (["after"] if after_latents else [])
+    # every column ever fed (the last token is not); a static cache's mask spans the whole cache, whose unwritten
+    # columns the causal mask hides
+    width = length + latents + len(after_latents or []) + max_new_tokens - 1
+    past = static_cache(model, batch, width) if cache == "static" else None
+    width = past.get_max_length() if past is not None else width
+    mask = torch.cat([mask, mask.new_ones(batch, width - length)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    decode = decoding_forward(model, compile)
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    past, fed, pending, step_s, cache_arg = None, None, as_input(ids), [], cache_argument(model)
+    fed, pending, step_s, cache_arg = None, as_input(ids), [], cache_argument(model)
+    seen = 0  # columns fed so far
     while len(step_s) < max_new_tokens:
         inputs = pending if use_cache or fed is None else torch.cat([fed, pending], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]
-        out = model(attention_mask=mask, position_ids=positions, use_cache=use_cache,
-                    output_hidden_states=bool(plan) and plan[0] == "latent", **{key: inputs, cache_arg: past})
-        fed = inputs
+        end = seen + pending.shape[1]
+        forward = decode if fed is not None and not plan else model  # prefill and thoughts stay uncompiled
+        out = forward(attention_mask=mask if cache == "static" else mask[:, :end],
+                      position_ids=positions[:, end - inputs.shape[1]:end], use_cache=use_cache,
+                      output_hidden_states=bool(plan) and plan[0] == "latent", **{key: inputs, cache_arg: past})
+        fed, seen = inputs, end
         if use_cache:
             past = out[cache_arg]
         if plan:
@@ -86,7 +152,6 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
             if finished:
                 break
             pending = as_input(next_token[:, None])
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, pending.shape[1])], dim=1)
     _sync(device)
     total_s = time.perf_counter() - start
     tokens = []

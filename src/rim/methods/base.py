@@ -81,7 +81,9 @@ class Method:
     ``cot``: the answer is extracted after generated reasoning (``####``); ``any_block``: one readout per memory
     block exists at inference (any-block accuracy applies); ``special_tokens``: tokens added to the vocabulary
     (rows trained with the LoRA); ``stage_kinds``: the curriculum stage kinds it trains with; ``dynamic``: the
-    layout changes during a stage (it is rebuilt for every batch from the stage position).
+    layout changes during a stage (it is rebuilt for every batch from the stage position). ``cache`` and
+    ``compile``: how ``generate`` decodes unless told otherwise (``greedy_generate``; set from ``eval.cache`` and
+    ``eval.compile`` when a run is loaded).
     """
 
     name = "method"
@@ -90,6 +92,8 @@ class Method:
     dynamic = False
     special_tokens: tuple[str, ...] = ()
     stage_kinds: tuple[str, ...] = ("sft",)
+    cache = "dynamic"
+    compile: bool | str = False
 
     def __init__(self, cfg: MethodConfig, tokenizer):
         self.cfg, self.eos_id = cfg, tokenizer.eos_token_id
@@ -117,9 +121,14 @@ class Method:
         return masked_forward(model, batch, self.cfg.readout_sees_question, keep)
 
     def generate(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                 use_cache: bool = True) -> Generation:
-        """Greedy answers to a batch of prompts."""
-        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache)
+                 use_cache: bool = True, cache: str | None = None, compile: bool | str | None = None) -> Generation:
+        """Greedy answers to a batch of prompts; ``cache`` and ``compile`` default to the method's own."""
+        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache,
+                               **self.decoding(cache, compile))
+
+    def decoding(self, cache: str | None = None, compile: bool | str | None = None) -> dict:
+        """``greedy_generate``'s ``cache`` and ``compile``: the given ones, else the method's."""
+        return {"cache": cache or self.cache, "compile": self.compile if compile is None else compile}
 
     def decode(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                batch_size: int) -> list[list[int]]:

@@ -124,8 +124,8 @@ class Coconut(Method):
     def forward(self, model, batch, keep=None):
         return latent_forward(model, batch, keep=keep)
 
-    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True):
+    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True, cache=None, compile=None):
         steps = self.cfg.inference_latent_steps
         n = self.n_latent(self.cfg.max_latent_steps if steps is None else steps)
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, latents=n,
-                               after_latents=[self.token[EOT]])
+                               after_latents=[self.token[EOT]], **self.decoding(cache, compile))

@@ -6,6 +6,7 @@
 - ``masked_forward``: one forward pass under the RiM mask with RiM position ids;
 - ``logits_at``: logits only at chosen positions (training computes them where labels are, not over the vocabulary
   at every position);
+- ``loss_at`` / ``masked_loss``: the weighted readout loss fused with the LM head at those positions (no logits);
 - ``compile_blocks``: ``torch.compile`` of each transformer block.
 No model family is special-cased: only ``get_input_embeddings``, ``get_output_embeddings``,
 ``resize_token_embeddings``, ``attention_mask``, ``position_ids`` and ``_no_split_modules``.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rim.core.fused_loss import fused_linear_cross_entropy
 from rim.core.layout import memory_block
 from rim.core.mask import additive_mask, attention_mask
 
@@ -185,19 +187,90 @@ def logits_at(model: nn.Module, keep: torch.Tensor | None) -> Iterator[None]:
     if keep is None:
         yield
         return
-    head = getattr(model, "module", model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding; set train.supervised_logits=false")
+    head = output_head(model, "supervised_logits")
 
     def gather(_module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), *args[1:])
+        return (rows_at(args[0], keep), *args[1:])
 
     handle = head.register_forward_pre_hook(gather)
     try:
         yield
     finally:
         handle.remove()
+
+
+def output_head(model: nn.Module, switch: str) -> nn.Module:
+    """The LM head (``get_output_embeddings``), through a DDP wrapper; an error naming the ``train.`` switch that
+    needs it otherwise."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding; set train.{switch}=false")
+    return head
+
+
+def rows_at(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) hidden states -> (N, d) at the flat positions ``keep``."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+
+
+def head_linear(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(weight, bias, replaced rows) of an LM head whose forward is exactly ``F.linear(x, weight, bias)`` with the
+    rows ``index`` of the weight replaced by ``values`` when ``replaced`` = (index, values): an ``nn.Linear`` (tied
+    to the input embedding or not), or peft's trainable-token wrapper of one (a tied head under LoRA, whose
+    memory-token rows are the trained ``values``, as peft's own forward merges them). Anything else (a
+    LoRA-adapted or quantised head) is refused."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    if type(head).forward is nn.Linear.forward:
+        return head.weight, head.bias, None
+    if isinstance(head, TrainableTokensWrapper):
+        layer = head.token_adapter
+        weight, bias, _ = head_linear(layer.base_layer)
+        if bias is None:  # peft's forward with active adapters drops a bias
+            active = [] if layer.merged or layer.disable_adapters else layer.active_adapters
+            if not active:
+                return weight, None, None
+            index = torch.tensor([i for a in active for i in layer.token_indices[a]], device=weight.device)
+            return weight, None, (index, torch.cat([layer.trainable_tokens_delta[a] for a in active]))
+    raise ValueError(f"LM head {type(head).__module__}.{type(head).__qualname__} is not a plain linear layer (or "
+                     "peft's trainable tokens on one); set train.fused_loss=false")
+
+
+@contextmanager
+def loss_at(model: nn.Module, keep: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model returns as its ``logits`` the weighted readout loss at ``keep`` (N,):
+    ``fused_linear_cross_entropy`` of the hidden states there with the LM head's weight and bias (``head_linear``),
+    ``labels`` and ``weights`` (N,). The (N, V) logits never exist whole, only a chunk of rows at a time.
+
+    The head's ``forward`` is swapped for the block, so the loss is computed inside the model's forward: under DDP
+    the head's weights are used in the wrapped forward like any other and its gradient hooks fire as usual. A
+    forward hook on the (unwrapped) model refuses a model that changes its head's output (logit soft-capping or
+    scaling would silently be skipped) or never calls it.
+    """
+    head, inner = output_head(model, "fused_loss"), getattr(model, "module", model)
+    returned: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias, replaced = head_linear(head)
+        returned.append(fused_linear_cross_entropy(rows_at(hidden, keep), weight, bias, labels, weights, replaced))
+        return returned[-1]
+
+    def check(_module: nn.Module, _args: tuple, output) -> None:
+        if not returned or output.logits is not returned[-1]:
+            raise ValueError("the model changes its LM head's output (logit soft-capping or scaling) or bypasses "
+                             "get_output_embeddings(); set train.fused_loss=false")
+
+    swapped = vars(head).get("forward")  # an instance-level forward (a hook library's) is put back afterwards
+    head.forward = forward
+    handle = inner.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+        if swapped is None:
+            del head.forward
+        else:
+            head.forward = swapped
 
 
 def check_kept(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -213,11 +286,24 @@ def masked_forward(model: nn.Module, batch: dict[str, torch.Tensor], readout_see
                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of one forward pass over laid-out examples under the RiM mask and position ids: (B, L, V), or (N, V)
     at the flat positions ``keep`` only (see ``logits_at``)."""
-    mask = attention_mask(batch["segment"], batch["index"], readout_sees_question)
     with logits_at(model, keep):
-        out = model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
-                    position_ids=batch["position_ids"], use_cache=False)
-    return check_kept(out.logits, keep)
+        logits = masked_call(model, batch, readout_sees_question).logits
+    return check_kept(logits, keep)
+
+
+def masked_loss(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor, readout_sees_question: bool = True) -> torch.Tensor:
+    """The weighted readout loss of ``masked_forward`` at ``keep``, fused with the LM head (``loss_at``): equal to
+    ``weighted_readout_loss`` of its logits with ``labels`` and ``weights`` (N,), without materialising them."""
+    with loss_at(model, keep, labels, weights):
+        return masked_call(model, batch, readout_sees_question).logits
+
+
+def masked_call(model: nn.Module, batch: dict[str, torch.Tensor], readout_sees_question: bool):
+    """The model's output on laid-out examples under the RiM mask and position ids."""
+    mask = attention_mask(batch["segment"], batch["index"], readout_sees_question)
+    return model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
+                 position_ids=batch["position_ids"], use_cache=False)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

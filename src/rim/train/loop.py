@@ -33,8 +33,11 @@ from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
 from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
-from rim.models.adapter import compile_blocks, enable_gradient_checkpointing, make_trainable, set_dropout
+from rim.models.adapter import (compile_blocks, enable_gradient_checkpointing, make_trainable, masked_loss,
+                                 set_dropout)
 from rim.models.load import build_model
+from rim.train.sharding import (full_optimizer_state, full_state_dict, gathered, is_sharded, load_optimizer_state,
+                                shard_model)
 from rim.train.state import (CheckpointError, Position, config_diff, fsync_tree, latest_valid, load_state,
                              restore_rng, resumable, save_state, verify, write_manifest)
 
@@ -118,7 +121,9 @@ def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.o
         if old in accelerator._optimizers:  # accelerate keeps every prepared optimizer alive otherwise
             accelerator._optimizers.remove(old)
     params = [p for p in model.parameters() if p.requires_grad]
-    return accelerator.prepare(torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay))
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer.param_groups[0]["initial_lr"] = stage.lr  # what the scheduler adds; a saved state holds it too
+    return accelerator.prepare(optimizer)
 
 
 def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -133,15 +138,21 @@ def prepare_data(cfg: Config, task: Task, tokenizer, method: Method) -> list[Tok
 
 
 def step_loss(method: Method, model, batch: dict[str, torch.Tensor], weights: torch.Tensor,
-              supervised_logits: bool = True) -> torch.Tensor:
+              supervised_logits: bool = True, fused_loss: bool = False) -> torch.Tensor:
     """The weighted readout loss of one batch. Logits only at the supervised positions (``batch["supervised"]``),
     so (N, V) instead of (B, L, V); with ``supervised_logits`` off, at every position (the simple reference path,
-    equal within floating-point tolerance)."""
+    equal within floating-point tolerance). ``fused_loss``: at the supervised positions, fused with the LM head
+    (``masked_loss``: no logits tensor at all), for methods that run the standard ``Method.forward``."""
     if not supervised_logits:
         return weighted_readout_loss(method.forward(model, batch), batch["labels"], weights)
     keep = batch["supervised"]
-    return weighted_readout_loss(method.forward(model, batch, keep), batch["labels"].flatten()[keep],
-                                 weights.flatten()[keep])
+    labels, weights = batch["labels"].flatten()[keep], weights.flatten()[keep]
+    if not fused_loss:
+        return weighted_readout_loss(method.forward(model, batch, keep), labels, weights)
+    if type(method).forward is not Method.forward:
+        raise ConfigError(f"train.fused_loss needs the standard forward pass; {method.name} has its own: set "
+                          "train.fused_loss=false")
+    return masked_loss(model, batch, keep, labels, weights, method.cfg.readout_sees_question)
 
 
 class LengthBuckets(Sampler[list[int]]):
@@ -279,7 +290,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
-            optimizer.load_state_dict(resumed["optimizer"])  # the moments; the learning rate is set below
+            if is_sharded(model):  # the moments; the learning rate is set below
+                load_optimizer_state(model, optimizer, resumed["optimizer"])
+            else:
+                optimizer.load_state_dict(resumed["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = stage.lr
         group["weight_decay"] = stage.weight_decay
@@ -292,6 +306,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
         restore_rng(resumed["rng"])
     set_dropout(model, stage.dropout)
     model.train()
+    sharded = is_sharded(model)
     bar = tqdm(total=total, initial=pos.stage_step, desc=f"{stage.name}",
                disable=not (cfg.train.progress and accelerator.is_main_process))
     step, skip, n_loss, tokens = pos.stage_step, pos.batch, 0, 0
@@ -307,8 +322,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                                    tokenizer.pad_token_id)
             batch = send_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
+                if sharded:  # accelerate's accumulate knows DDP's no_sync, not FSDP2's switch
+                    model.set_requires_gradient_sync(accelerator.sync_gradients)
                 loss = step_loss(method, model, batch, stage_weights(batch, stage, step / total),
-                                 cfg.train.supervised_logits)
+                                 cfg.train.supervised_logits, cfg.train.fused_loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -357,17 +374,20 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     return optimizer
 
 
-def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | None = None, state=None) -> None:
+def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | None = None, state=None,
+                     weights: dict[str, torch.Tensor] | None = None) -> None:
     """Weights (safetensors; a peft adapter in LoRA mode), tokenizer with memory tokens, ``rim.json``, optionally
     the trainer state (``state(folder)`` writes it), and a manifest with every file's hash.
 
     Written into a temporary sibling folder, flushed to disk, then renamed over ``path``, so a crash never leaves a
-    half-written checkpoint under the final name. Call on the main process with the unwrapped model.
+    half-written checkpoint under the final name; an earlier checkpoint there is first moved aside to
+    ``<name>.old`` and deleted last, so one of the two is always whole. Call on the main process with the unwrapped
+    model; ``weights``: its full state dict where the model itself holds only shards (FSDP).
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
     meta = {"method": cfg.method.name, "memory_tokens": cfg.method.memory_tokens, "blocks": cfg.method.blocks,
             "train_mode": cfg.model.train_mode, "base_model": cfg.model.name, "task": cfg.data.task, **(extra or {})}
@@ -376,38 +396,50 @@ def write_checkpoint(model, tokenizer, cfg: Config, path: Path, extra: dict | No
         state(tmp)
     write_manifest(tmp)
     fsync_tree(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model, tokenizer, cfg: Config, path: Path, accelerator, extra: dict | None = None,
                     state=None) -> None:
-    """``write_checkpoint`` from the main process, after every process has arrived."""
+    """``write_checkpoint`` from the main process, after every process has arrived (and, for a sharded model, has
+    joined in gathering the full weights)."""
     accelerator.wait_for_everyone()
+    weights = full_state_dict(model) if is_sharded(model) else None
     if accelerator.is_main_process:
-        write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra, state)
+        write_checkpoint(accelerator.unwrap_model(model), tokenizer, cfg, path, extra, state, weights)
     accelerator.wait_for_everyone()  # nobody reads it (or moves on) before it is there
 
 
 def load_weights(model, folder: Path) -> None:
-    """Put a checkpoint's trained weights into ``model`` (the adapter of a peft model, else every weight)."""
+    """Put a checkpoint's trained weights into ``model`` (the adapter of a peft model, else every weight).
+
+    A tied weight may be saved under one of its names only (HF) or under all of them (peft: the LM head's copy of
+    the embedding's trainable token rows, which peft then reports as unexpected): either is accepted.
+    """
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no safetensors weights")
     weights = {k: v for f in files for k, v in load_file(f).items()}
+    tensors = model.state_dict(keep_vars=True)
+    uses = collections.Counter(id(t) for t in tensors.values())
+    tied = {name for name, t in tensors.items() if uses[id(t)] > 1}
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, weights)
-        if result.unexpected_keys:
-            raise CheckpointError(f"{folder}: adapter weights that the model lacks: {result.unexpected_keys[:3]}")
+        adapters = [f".{name}" for name in model.peft_config]  # peft drops the adapter name from saved keys
+        tied_saved = {name.replace(a, "") for name in tied for a in adapters}
+        unexpected = [k for k in result.unexpected_keys if k not in tied_saved]
+        if unexpected:
+            raise CheckpointError(f"{folder}: adapter weights that the model lacks: {unexpected[:3]}")
         return
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tensors = model.state_dict(keep_vars=True)
-    uses = collections.Counter(id(t) for t in tensors.values())
-    tied = {name for name, t in tensors.items() if uses[id(t)] > 1}
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{folder}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {unexpected[:3]})")
@@ -442,9 +474,11 @@ class Checkpointer:
     def save(self, model, pos: Position, optimizer, scheduler) -> None:
         """A resumable checkpoint ``checkpoints/step-N``; then only the newest ``train.keep_last`` are kept."""
         config = to_dict(self.cfg)
+        moments = (None if optimizer is None else full_optimizer_state(model, optimizer) if is_sharded(model)
+                   else optimizer.state_dict())
 
         def state(folder: Path) -> None:
-            save_state(folder, pos, optimizer, scheduler, self.best, config, self.accelerator.num_processes)
+            save_state(folder, pos, moments, scheduler, self.best, config, self.accelerator.num_processes)
 
         save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{pos.step}",
                         self.accelerator, {"step": pos.step}, state)
@@ -457,18 +491,16 @@ class Checkpointer:
         """Score the selection split (sharded over the processes); keep the checkpoint if it is the best so far."""
         inner = self.accelerator.unwrap_model(model)
         k = self.cfg.eval.blocks or self.cfg.method.blocks
-        result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
-                          self.cfg.eval.batch_size, any_block=False, latency_examples=0)
+        with gathered(inner):
+            result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
+                              self.cfg.eval.batch_size, any_block=False, latency_examples=0)
         accuracy = result.metrics["final_block_accuracy"]  # the same on every process (records are gathered)
         improved = accuracy > self.best
         self.log.write(event="select", step=step, split=self.cfg.eval.select_split, accuracy=accuracy, best=improved)
-        if improved:
+        if improved:  # the same decision on every process, which all join in saving
             self.best = accuracy
-            if self.accelerator.is_main_process:
-                write_checkpoint(inner, self.tokenizer, self.cfg, self.run_dir / "best",
-                                 {"step": step, "select_split": self.cfg.eval.select_split,
-                                  "select_accuracy": accuracy})
-        self.accelerator.wait_for_everyone()
+            save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "best", self.accelerator,
+                            {"step": step, "select_split": self.cfg.eval.select_split, "select_accuracy": accuracy})
         model.train()
 
 
@@ -482,6 +514,17 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     folder = Path(resume)
     verify(folder)
     return folder
+
+
+def restore_moved_aside(run_dir: Path) -> None:
+    """Finish a folder replacement that a crash interrupted (see ``write_checkpoint``): a ``<name>.old`` without
+    its ``<name>`` is the last whole copy and goes back in place; one beside its ``<name>`` is a leftover."""
+    for old in run_dir.glob("*.old"):
+        target = old.with_suffix("")
+        if old.is_dir() and not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -526,6 +569,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     run_dir = Path(run_dir or cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
     start_from = resume_point(run_dir, resume)
+    if accelerator.is_main_process:
+        restore_moved_aside(run_dir)
+    accelerator.wait_for_everyone()
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
     if start_from is None and earlier and not cfg.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
@@ -573,10 +619,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     if task.records.total_skipped() or task.records.truncated:
         log.write(event="data", skipped=task.records.skipped, skipped_total=task.records.total_skipped(),
                   truncated=task.records.truncated)
-    model = accelerator.prepare(model)
+    if cfg.train.fsdp and accelerator.num_processes > 1:
+        model = shard_model(model, accelerator.device, accelerator.mixed_precision)
+    else:
+        model = accelerator.prepare(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
-              device=str(accelerator.device), precision=accelerator.mixed_precision)
+              device=str(accelerator.device), precision=accelerator.mixed_precision,
+              processes=accelerator.num_processes, sharded=is_sharded(model))
     checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log)
     checkpointer.best = best
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"

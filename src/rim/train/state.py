@@ -98,10 +98,10 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(folder: Path, position: Position, optimizer, scheduler, best: float, config: dict,
+def save_state(folder: Path, position: Position, optimizer_state: dict | None, scheduler, best: float, config: dict,
                processes: int = 1) -> None:
     """Write the trainer state files into a checkpoint folder (before its manifest)."""
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+    torch.save({"optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": capture_rng(), "processes": processes}, folder / STATE_PT)
     (folder / STATE_JSON).write_text(json.dumps({"position": asdict(position), "best": best, "config": config},

@@ -1,0 +1,134 @@
+"""Static KV cache and compiled decoding steps: the same greedy tokens as the dynamic cache and as no cache, for
+left-padded batches that stop per sequence, on Llama and GPT-2 and through the methods' own ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny
+from rim.cli import build_parser, decoding_overrides, main
+from rim.config import ConfigError, load_config
+from rim.data.tasks import Example, RunningSum
+from rim.infer.generate import greedy_generate, static_cache
+from rim.models.tiny import tiny_model, word_tokenizer
+from test_methods import TASK, setup
+from test_serve import RIM_STAGES, answers, tiny_run
+
+
+def spread(model):
+    """Larger random weights: greedy outputs that depend on the input (not one token repeated)."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def varied_stop(free: list[list[int]]) -> int:
+    """A generated token that, as the stop token, ends the sequences at different steps."""
+    def ends(t):
+        return {r.index(t) if t in r else len(r) for r in free}
+    return next(t for r in free for t in r if len(ends(t)) > 1)
+
+
+def decodes(generate, prompts, **options) -> list[list[int]]:
+    """Tokens of ``generate`` with a dynamic cache, a static cache, no cache, and ``options`` (static); all equal."""
+    runs = [generate(prompts), generate(prompts, cache="static"), generate(prompts, use_cache=False)]
+    if options:
+        runs.append(generate(prompts, cache="static", **options))
+    assert all(run.tokens == runs[0].tokens for run in runs[1:])
+    assert all(len(run.step_s) == len(runs[0].step_s) for run in runs[1:])
+    return runs[0].tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_decodes_like_dynamic_and_uncached_with_padding_and_early_stop(family):
+    model, tok, mem = make_tiny(family)
+    spread(model)
+    block = mem.block(2)
+    prompts = [[1, 4, 5, 6] + block * 2, [4, 5] + block, [9, 8, 7, 6, 5, 4, 3] + block * 3]  # lengths 12, 6, 19
+
+    def generate(prompts, eos=-1, **options):
+        return greedy_generate(model, prompts, tok.pad_token_id, eos, 6, **options)
+
+    free = decodes(generate, prompts)
+    assert len({tuple(t) for t in free}) > 1
+    stop = varied_stop(free)
+    tokens = decodes(lambda p, **o: generate(p, stop, **o), prompts, compile="eager")
+    assert len({len(t) for t in tokens}) > 1  # each sequence stopped at its own EOS
+    assert tokens == [greedy_generate(model, [p], tok.pad_token_id, stop, 6, cache="static").tokens[0]
+                      for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["rim", "nocot", "coconut"])
+def test_methods_decode_alike_with_a_static_cache_and_compiled_steps(name):
+    model, tok, method = setup(name, memory_tokens=1, max_latent_steps=2, thoughts_per_step=2)
+    spread(model)
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
+    prompts = [method.prompt(ex, 3) for ex in exs]
+
+    def generate(prompts, eos=-1, **options):
+        return method.generate(model, prompts, tok.pad_token_id, eos, 6, **options)
+
+    stop = varied_stop(decodes(generate, prompts))
+    tokens = decodes(lambda p, **o: generate(p, stop, **o), prompts, compile="eager")
+    assert len({len(t) for t in tokens}) > 1
+    method.cache, method.compile = "static", "eager"  # the method's own setting (eval.cache / eval.compile)
+    assert generate(prompts, stop).tokens == tokens
+
+
+def test_a_static_cache_is_reused_by_calls_of_the_same_size():
+    model, _, _ = make_tiny("llama")
+    first = static_cache(model, 3, 10)
+    assert static_cache(model, 3, 40) is first  # one size class (multiples of 64): no new tensors to compile for
+    assert static_cache(model, 2, 40) is not first and static_cache(model, 2, 100).get_max_length() == 128
+    greedy_generate(model, [[1, 4, 5]], 0, -1, 3, cache="static")
+    again = static_cache(model, 1, 5)
+    assert int(again.get_seq_length()) == 0  # reset for the next call
+
+
+def test_bad_decoding_options_are_refused():
+    model, _, _ = make_tiny("gpt2")
+    with pytest.raises(ValueError, match="unknown cache 'paged'"):
+        greedy_generate(model, [[1, 4]], 0, 2, 3, cache="paged")
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        greedy_generate(model, [[1, 4]], 0, 2, 3, use_cache=False, cache="static")
+    with pytest.raises(ValueError, match="compile needs cache='static'"):
+        greedy_generate(model, [[1, 4]], 0, 2, 3, compile=True)
+    assert load_config(None, ["eval.cache=static", "eval.compile=reduce-overhead"]).eval.compile == "reduce-overhead"
+    with pytest.raises(ConfigError, match="eval.compile"):
+        load_config(None, ["eval.compile=true"])
+    with pytest.raises(ConfigError, match="eval.cache"):
+        load_config(None, ["eval.cache=paged"])
+
+
+def test_cli_decoding_flags_become_eval_overrides():
+    parser = build_parser()
+
+    def overrides(*flags):
+        return decoding_overrides(parser.parse_args(["eval", "RUN", *flags]))
+
+    assert overrides() == []
+    assert overrides("--cache", "static") == ["eval.cache=static"]
+    assert overrides("--compile") == ["eval.cache=static", "eval.compile=True"]  # compile needs the static cache
+    assert overrides("--compile", "max-autotune") == ["eval.cache=static", "eval.compile=max-autotune"]
+    assert load_config(None, overrides("--compile")).eval.compile is True
+
+
+def test_rim_eval_and_answer_decode_alike_with_static_cache_and_compile(tmp_path, monkeypatch, capsys):
+    """A LoRA run: ``rim eval`` compiles the peft model's forward, ``rim answer`` the merged model's."""
+    tok = word_tokenizer(RunningSum(digits=3).vocabulary())
+    tiny_model(len(tok), "llama", layers=2, hidden=32, heads=2).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    run = tiny_run(tmp_path / "run", "rim", RIM_STAGES,
+                   [f"model.name={tmp_path / 'base'}", "model.train_mode=lora", "model.lora_rank=4"])
+
+    def predictions(*flags):
+        assert main(["eval", str(run), "--device", "cpu", "--max-eval", "6", *flags]) == 0
+        return (run / "eval" / "predictions.jsonl").read_text()
+
+    assert predictions("--cache", "static") == predictions() == predictions("--compile", "eager")
+    capsys.readouterr()
+    dynamic = [r["output"] for r in answers(monkeypatch, capsys, run)]
+    assert [r["output"] for r in answers(monkeypatch, capsys, run, "--compile", "eager")] == dynamic
