@@ -28,6 +28,9 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
     assert {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1", "ttft_coconut_over_rim_b2",
             "train_stage1_rim_over_plain", "train_stage2_rim_over_plain", "masked_over_separate"} <= set(ratios)
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    for i in (1, 2):  # the training target is on RiM's fastest measured step
+        fastest = max(ratios[f"train_stage{i}_{name}_over_plain"] for name in ("full", "fused"))
+        assert ratios[f"train_stage{i}_fastest_over_plain"] == max(fastest, ratios[f"train_stage{i}_rim_over_plain"])
     assert {t["ratio"] for t in results["targets"]} == {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1",
                                                         "ttft_coconut_over_rim_b1", "masked_over_separate"}
     markdown = (tmp_path / "bench-tiny-all.md").read_text()

@@ -75,10 +75,10 @@ TARGETS = (
     ("ttft_rim_over_nocot_b1", "<=", 1.05, None),
     ("ttft_cot_over_rim_b1", ">=", 27.0, None),
     ("ttft_coconut_over_rim_b1", ">=", 6.0, None),
-    ("train_stage1_rim_over_plain", ">=", 1.5, "llama-3.2-1b"),
-    ("train_stage2_rim_over_plain", ">=", 1.5, "llama-3.2-1b"),
-    ("train_stage1_rim_over_plain", ">=", 3.0, "smollm2-135m"),
-    ("train_stage2_rim_over_plain", ">=", 3.0, "smollm2-135m"),
+    ("train_stage1_fastest_over_plain", ">=", 1.5, "llama-3.2-1b"),
+    ("train_stage2_fastest_over_plain", ">=", 1.5, "llama-3.2-1b"),
+    ("train_stage1_fastest_over_plain", ">=", 3.0, "smollm2-135m"),
+    ("train_stage2_fastest_over_plain", ">=", 3.0, "smollm2-135m"),
     ("masked_over_separate", ">=", 7.0, None),
 )
 
@@ -371,6 +371,8 @@ def ratios(results: dict) -> dict[str, float]:
             for name in ("full", "fused", "compiled"):
                 if f"rim_{name}" in speed:
                     out[f"train_stage{i}_{name}_over_plain"] = speed[f"rim_{name}"] / speed["plain"]
+            out[f"train_stage{i}_fastest_over_plain"] = max(v for k, v in speed.items() if k.startswith("rim_")) \
+                / speed["plain"]  # the target: RiM's step as fast as its options make it
         passes = train["masked_vs_separate"]
         out["masked_over_separate"] = passes["separate_ms"] / passes["one_masked_ms"]
     return out
