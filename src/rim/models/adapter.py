@@ -318,17 +318,24 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` every transformer block in place (the classes HF lists in ``_no_split_modules``); returns
-    how many. The head, the supervised-position gather and the loss stay eager: their shapes change every batch.
-    Compiling in place keeps parameter names, so checkpoints are unaffected."""
+def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
+    """The model's transformer blocks (instances of the classes HF lists in ``_no_split_modules``), through DDP and
+    peft wrappers; an error naming the ``train.`` switch that needs them where the model lists none."""
     inner = getattr(model, "module", model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     names = set(getattr(base, "_no_split_modules", None) or ())
     blocks = [m for m in inner.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"{type(base).__name__} names no transformer block class (_no_split_modules); "
-                         "set train.compile=false")
+                         f"set train.{switch}=false")
+    return blocks
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block in place; returns how many. The head, the supervised-position
+    gather and the loss stay eager: their shapes change every batch. Compiling in place keeps parameter names, so
+    checkpoints are unaffected."""
+    blocks = transformer_blocks(model, "compile")
     for block in blocks:
         block.compile()
     return len(blocks)

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from rim.models.adapter import transformer_blocks
+
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The model's FSDP units (empty for a model that is not sharded)."""
@@ -46,12 +48,7 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
 
     if precision not in ("no", "bf16"):
         raise ValueError(f"train.fsdp supports precision 'no' or 'bf16', not {precision!r}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"{type(base).__name__} names no transformer block class (_no_split_modules) to shard "
-                         "by; set train.fsdp=false")
+    blocks = transformer_blocks(model, "fsdp")
     mesh = init_device_mesh(device.type, (dist.get_world_size() if dist.is_initialized() else 1,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
               else MixedPrecisionPolicy())
