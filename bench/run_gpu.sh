@@ -4,6 +4,7 @@
 #
 #   bash bench/run_gpu.sh                         # the fast-path tests, then SmolLM2-135M and GPT-2 (about 8 min)
 #   bash bench/run_gpu.sh llama-3.2-1b            # one shape per call where a call is limited to 10 minutes
+#   BENCH_ARGS="--repeats 5" SHAPE_TIMEOUT=250 bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
 #
 # Every shape runs the whole suite in one process, so each ratio is measured side by side: latency of every
 # method (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), one masked pass for
@@ -22,8 +23,8 @@ if [ ${#shapes[@]} -eq 0 ]; then
   echo "tests rc=$?" | tee -a "$OUT/tests.log"
 fi
 for shape in "${shapes[@]}"; do
-  timeout 240 python3 -m rim.cli bench all --shape "$shape" --train-mode full --compile-train --static-cache \
-    --compile --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
+  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench all --shape "$shape" --train-mode full --compile-train \
+    --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"
   cat "$OUT/bench-$shape-all.md" 2>/dev/null
 done

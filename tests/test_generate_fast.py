@@ -132,3 +132,22 @@ def test_rim_eval_and_answer_decode_alike_with_static_cache_and_compile(tmp_path
     capsys.readouterr()
     dynamic = [r["output"] for r in answers(monkeypatch, capsys, run)]
     assert [r["output"] for r in answers(monkeypatch, capsys, run, "--compile", "eager")] == dynamic
+
+
+def test_static_cache_on_a_sliding_window_model_and_an_empty_budget():
+    """A model whose layers all use a sliding window (Mistral-shaped, window 8) with prompts longer than the window:
+    the static cache decodes like the dynamic one and like no cache. A budget of 0 tokens gives empty outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                  sliding_window=8)
+    torch.manual_seed(0)
+    model = spread(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")).eval()
+    prompts = [list(range(3, 23)), list(range(5, 17))]
+    dynamic = greedy_generate(model, prompts, 0, -1, 10).tokens
+    assert len(set(map(tuple, dynamic))) == 2 and all(len(t) == 10 for t in dynamic)
+    assert greedy_generate(model, prompts, 0, -1, 10, cache="static").tokens == dynamic
+    assert greedy_generate(model, prompts, 0, -1, 10, use_cache=False).tokens == dynamic
+    for cache in ("dynamic", "static"):
+        assert greedy_generate(model, prompts, 0, -1, 0, cache=cache).tokens == [[], []]

@@ -57,13 +57,19 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (shape key, its last StaticCache)
 
 
+def static_length(length: int) -> int:
+    """A static cache's length for ``length`` tokens: rounded up to a multiple of ``STATIC_CHUNK``, so that calls of
+    nearby sizes share one cache (and one compiled graph)."""
+    return -(-length // STATIC_CHUNK) * STATIC_CHUNK
+
+
 def static_cache(model: nn.Module, batch: int, length: int):
     """A ``StaticCache`` for ``batch`` sequences of at least ``length`` tokens, reset; the model's previous one when
     it has that size, so that a compiled decoding step keeps its tensors (and CUDA graphs) from call to call."""
     from transformers import StaticCache
 
     param = next(model.parameters())
-    key = (batch, -(-length // STATIC_CHUNK) * STATIC_CHUNK, param.dtype, param.device)
+    key = (batch, static_length(length), param.dtype, param.device)
     if model in _STATIC and _STATIC[model][0] == key:
         cache = _STATIC[model][1]
         cache.reset()
@@ -118,9 +124,11 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     plan = ["latent"] * latents + (["after"] if after_latents else [])
     # every column ever fed (the last token is not); a static cache's mask spans the whole cache, whose unwritten
     # columns the causal mask hides
-    width = length + latents + len(after_latents or []) + max_new_tokens - 1
-    past = static_cache(model, batch, width) if cache == "static" else None
-    width = past.get_max_length() if past is not None else width
+    width = length + latents + len(after_latents or []) + max(max_new_tokens - 1, 0)
+    past = None
+    if cache == "static":  # (not the cache's get_max_length(): sliding-window layers report their window)
+        width = static_length(width)
+        past = static_cache(model, batch, width)
     mask = torch.cat([mask, mask.new_ones(batch, width - length)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     decode = decoding_forward(model, compile)
