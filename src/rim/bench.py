@@ -436,21 +436,24 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
     model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
     results: dict = {"suite": suite, "shape": shape, "shape_config": asdict(SHAPES[shape]), "settings": asdict(s),
                      "environment": environment(dev, infer_dtype)}
+    stem = Path(out_dir) / f"bench-{shape}-{suite}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part: a later part that fails or runs out of time leaves the earlier numbers
+        results.update(ratios=ratios(results), wall_s=time.perf_counter() - start)
+        results["targets"] = check_targets(results["ratios"], shape)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+
     if suite in ("latency", "all"):
         results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)
         results["readouts"] = bench_readouts(model, tokenizer, s, dev)
         model.float()
+        save()
     if suite in ("train", "all"):
         new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
         results["train"] = bench_train(model, tokenizer, new_ids, s, dev, mode)
-    results["ratios"] = ratios(results)
-    results["targets"] = check_targets(results["ratios"], shape)
-    results["wall_s"] = time.perf_counter() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{shape}-{suite}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+        save()
     return results
 
 
