@@ -296,6 +296,17 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path):
     (tmp_path / "m.txt").write_bytes(b"\xef\xbb\xbfq1||<<1+1=2>> #### 2\nq2||<<2+2=4>> #### 4\n")
     examples = make_task("gsm8k-aug", {"source": str(tmp_path / "m.txt")}).load("train")
     assert [ex.question for ex in examples] == ["q1", "q2"]
+    # a bad byte after the mark is reported where it is in the file (the mark counted), on the right line
+    (tmp_path / "svamp/SVAMP.json").write_bytes(b'\xef\xbb\xbf[1,\n\xff2]')
+    with pytest.raises(DataError, match=r"SVAMP\.json, line 2: not UTF-8 \(byte 7 of the file\)"):
+        make_task("svamp", {"data_dir": str(tmp_path)}).load("test")
+    (tmp_path / "m.txt").write_bytes(b"\xef\xbb\xbfq1\xff||<<1+1=2>> #### 2\n")
+    with pytest.raises(DataError, match=r"m\.txt, line 1: not UTF-8 \(byte 5: b'\\xff'\)"):
+        make_task("gsm8k-aug", {"source": str(tmp_path / "m.txt")}).load("train")
+    # elsewhere the mark is a character, not dropped
+    (tmp_path / "m.txt").write_bytes(b"q1||<<1+1=2>> #### 2\n\xef\xbb\xbfq2||<<2+2=4>> #### 4\n")
+    examples = make_task("gsm8k-aug", {"source": str(tmp_path / "m.txt")}).load("train")
+    assert [ex.question for ex in examples] == ["q1", "\ufeffq2"]
 
 
 def test_non_numeric_answers_and_bad_policies_are_refused(tmp_path):
@@ -347,6 +358,7 @@ def test_over_long_examples_are_skipped_or_have_their_question_cut_from_the_left
     ("model.lora_dropout=1.5", "model.lora_dropout"), ("train.max_grad_norm=-1", "train.max_grad_norm"),
     ("train.fsdp=true train.precision=fp16", "train.precision"),
     ("train.fsdp=true method.name=coconut", "train.fsdp"),
+    ("eval.cache=static eval.compile=fast", "eval.compile"),
 ])
 def test_config_ranges_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from rim.bench import REASONING_TOKENS, SHAPES, Shape
+from rim.bench import REASONING_TOKENS, SHAPES, BenchSettings, Shape, run_bench
 from rim.cli import main
 
 
@@ -40,7 +40,7 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
 def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(tmp_path, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
     assert main(["bench", "latency", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
-                 "--batch-sizes", "1,2", "--question-tokens", "12", "--static-cache", "--compile", "eager",
+                 "--batch-sizes", "1,2", "--question-tokens", "12", "--static-cache", "--compile-mode", "eager",
                  "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "bench-tiny-latency.json").read_text())
     assert results["settings"]["static_cache"] and results["settings"]["compile"] == "eager"
@@ -56,3 +56,10 @@ def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(t
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     markdown = (tmp_path / "bench-tiny-latency.md").read_text()
     assert "| rim_static |" in markdown and "| 2 |" in markdown and "K decodes ms" in markdown
+
+
+def test_a_shape_name_with_dots_keeps_its_whole_file_name(tmp_path, monkeypatch):
+    monkeypatch.setitem(SHAPES, "tiny-3.2-x", Shape("llama", 1, 32, 4, 2, 64, 256))
+    run_bench("train", "tiny-3.2-x", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1,
+                                                                    warmup=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-tiny-3.2-x-train.json", "bench-tiny-3.2-x-train.md"]

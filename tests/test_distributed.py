@@ -1,7 +1,7 @@
 """Scale-out through torch.distributed: two CPU processes (gloo, launched by torchrun) train exactly like one
 process at the same global batch (batch_size x grad_accum), with data parallelism or fully sharded (FSDP2), and
-only the main process writes; a sharded run resumes exactly; SIGTERM to one process stops every process at the
-same step with a checkpoint."""
+only the main process writes; a sharded run resumes exactly, from a sharded or a data-parallel checkpoint; SIGTERM
+to one process stops every process at the same step with a checkpoint."""
 
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ def losses(run_dir) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
 
 
-def one_and_two_processes_agree(tmp_path) -> None:
-    """Train ``c.yaml`` in one process (``one/``) and in two under torchrun (``two/``): the same losses at every
-    step and the same final weights."""
+def one_and_two_processes_agree(tmp_path, *two_overrides: str) -> None:
+    """Train ``c.yaml`` in one process (``one/``) and in two under torchrun (``two/``, with ``two_overrides``): the
+    same losses at every step and the same final weights."""
     run([sys.executable, "-m", "rim.cli", "train", "c.yaml", "output_dir=one"], tmp_path)
-    run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "train", "c.yaml", "output_dir=two"],
-        tmp_path)
+    run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "train", "c.yaml", "output_dir=two",
+         *two_overrides], tmp_path)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == set(range(1, 7))
     for step in one:
@@ -78,6 +78,13 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
         tmp_path)
     sharded = (tmp_path / "one" / "eval" / "predictions.jsonl").read_text()
     assert sharded == single and len(sharded.splitlines()) == 7
+
+    # a data-parallel checkpoint (optimizer state keyed by parameter index) resumes sharded (keyed by name)
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "train", "c.yaml", "output_dir=resumed",
+         "train.fsdp=true", "--resume", "resumed/checkpoints/step-3"], tmp_path)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert_same_weights(tmp_path / "two", tmp_path / "resumed", "checkpoint")
 
 
 def weight_file(run_dir, sub: str) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny
-from rim.cli import build_parser, decoding_overrides, main
+from rim.cli import build_parser, compile_setting, decoding_overrides, main
 from rim.config import ConfigError, load_config
 from rim.data.tasks import Example, RunningSum
 from rim.infer.generate import greedy_generate, static_cache
@@ -112,8 +112,19 @@ def test_cli_decoding_flags_become_eval_overrides():
     assert overrides() == []
     assert overrides("--cache", "static") == ["eval.cache=static"]
     assert overrides("--compile") == ["eval.cache=static", "eval.compile=True"]  # compile needs the static cache
-    assert overrides("--compile", "max-autotune") == ["eval.cache=static", "eval.compile=max-autotune"]
+    assert overrides("--compile-mode", "max-autotune") == ["eval.cache=static", "eval.compile=max-autotune"]
     assert load_config(None, overrides("--compile")).eval.compile is True
+    # --cache dynamic turns off a compile that the run's config sets
+    assert overrides("--cache", "dynamic") == ["eval.cache=dynamic", "eval.compile=False"]
+    run_config = ["eval.cache=static", "eval.compile=eager"]
+    assert load_config(None, [*run_config, *overrides("--cache", "dynamic")]).eval.compile is False
+    # the flag takes no value: a run directory after it stays the positional argument
+    args = build_parser().parse_args(["eval", "--compile", "runs/x"])
+    assert args.run == "runs/x" and decoding_overrides(args) == ["eval.cache=static", "eval.compile=True"]
+    with pytest.raises(ConfigError, match="--compile-mode must be .*reduce-overhead.*, not 'fast'"):
+        overrides("--compile-mode", "fast")
+    bench = build_parser().parse_args(["bench", "latency", "--compile-mode", "eager"])
+    assert compile_setting(bench) == "eager"
 
 
 def test_rim_eval_and_answer_decode_alike_with_static_cache_and_compile(tmp_path, monkeypatch, capsys):
@@ -128,10 +139,10 @@ def test_rim_eval_and_answer_decode_alike_with_static_cache_and_compile(tmp_path
         assert main(["eval", str(run), "--device", "cpu", "--max-eval", "6", *flags]) == 0
         return (run / "eval" / "predictions.jsonl").read_text()
 
-    assert predictions("--cache", "static") == predictions() == predictions("--compile", "eager")
+    assert predictions("--cache", "static") == predictions() == predictions("--compile-mode", "eager")
     capsys.readouterr()
     dynamic = [r["output"] for r in answers(monkeypatch, capsys, run)]
-    assert [r["output"] for r in answers(monkeypatch, capsys, run, "--compile", "eager")] == dynamic
+    assert [r["output"] for r in answers(monkeypatch, capsys, run, "--compile-mode", "eager")] == dynamic
 
 
 def test_static_cache_on_a_sliding_window_model_and_an_empty_budget():

@@ -72,9 +72,13 @@ def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     assert summary["checkpoints"] == ["checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6", "checkpoint"]
     assert summary["score_size"] == 12 and len(summary["scores"]) == 4 and "+-" in done.stdout
     assert summary["split"] == "test"
+    assert "keep_last" not in done.stderr
     (run / "checkpoints/step-8.tmp").mkdir()  # an interrupted save is not a checkpoint
+    config = run / "config.yaml"  # as if the run had pruned its checkpoints: the protocol says what it chose among
+    config.write_text(config.read_text().replace("keep_last: null", "keep_last: 2"))
     done = rim("eval", str(run), "--protocol", "splits", "--n-splits", "2", "--select-size", "4", "--max-eval", "8")
     assert done.returncode == 0, done.stderr
+    assert "train.keep_last=2 deleted older checkpoints; the protocol selects among the 4 that remain" in done.stderr
     done = rim("eval", str(run), "--protocol", "splits", "--checkpoint", "best")
     assert done.returncode == 2 and "takes no --checkpoint" in done.stderr
 

@@ -113,16 +113,23 @@ def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path, m
 
 def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, monkeypatch, capsys):
     cfg = crashed_run(tmp_path, monkeypatch, 3)
+    run = tmp_path / "cut"
+    for name in ("best.old", "notes.old"):  # as a crash while replacing best/ leaves it; a folder not rim's
+        (run / name).mkdir()
+        (run / name / "rim.json").write_text('{"step": 2}')
     with pytest.raises(FileExistsError, match="--resume auto"):
         train(cfg)
-    changed = load_config(None, [*TINY, *RIM, f"output_dir={tmp_path / 'cut'}", "train.max_grad_norm=0.5"])
+    assert (run / "best.old").is_dir() and not (run / "best").exists()  # a refused start changes nothing
+    changed = load_config(None, [*TINY, *RIM, f"output_dir={run}", "train.max_grad_norm=0.5"])
     train(changed, resume="auto")
     assert "train.max_grad_norm: 1.0 -> 0.5" in capsys.readouterr().out
+    assert json.loads((run / "best" / "rim.json").read_text()) == {"step": 2}  # put back by the resumed run
+    assert not (run / "best.old").exists() and (run / "notes.old").is_dir()
 
 
 def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path, monkeypatch):
     """``best/`` is replaced on every improvement: the old folder is moved aside first, so a crash before the new
-    one is in place leaves ``best.old``, which the next start puts back."""
+    one is in place leaves ``best.old``, which a resumed run puts back."""
     from conftest import make_tiny
 
     model, tok, _ = make_tiny("llama")
@@ -141,12 +148,13 @@ def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path,
         with pytest.raises(OSError, match="simulated crash"):
             loop.write_checkpoint(model, tok, cfg, best, {"step": 2})
     assert not best.exists() and (tmp_path / "best.old").is_dir()
+    (tmp_path / "notes.old").mkdir()  # not rim's
     loop.restore_moved_aside(tmp_path)
     verify(best)
     assert json.loads((best / "rim.json").read_text())["step"] == 1 and not (tmp_path / "best.old").exists()
     loop.write_checkpoint(model, tok, cfg, best, {"step": 3})  # a normal replacement leaves nothing aside
     assert json.loads((best / "rim.json").read_text())["step"] == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "notes.old"]
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

@@ -1,8 +1,9 @@
 """Units of the training harness: stage length, seeding, dropout per stage, memory-row init, optimizer reset,
-a DDP-wrapped model."""
+a DDP-wrapped model, FSDP2 settings around a sharded evaluation, optimizer states written with or without FSDP."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -87,3 +88,52 @@ def test_masked_forward_through_ddp_wrapper(tmp_path):
             assert torch.allclose(kept, masked_forward(model, batch).flatten(0, 1)[keep], atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_gathered_restores_fsdp2_resharding_after_forward(tmp_path):
+    """After a sharded evaluation the blocks reshard after forward again and the root stays whole, as FSDP2 sets
+    them up (resharding the root too would cost every training step an extra all-gather)."""
+    from rim.train.sharding import fsdp_modules, gathered, shard_model
+
+    def reshards() -> list[bool]:
+        return [unit._get_fsdp_state()._fsdp_param_groups[0].post_forward_mesh_info is not None
+                for unit in fsdp_modules(model)]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = shard_model(tiny_model(20, "llama", layers=2, hidden=16, heads=2), torch.device("cpu"), "no")
+        x = torch.tensor([[4, 5, 6]])
+        model(input_ids=x).logits.sum().backward()
+        assert reshards() == [False, True, True]  # the root, then the two blocks
+        with torch.no_grad(), gathered(model):
+            model(input_ids=x)
+        assert reshards() == [False, True, True]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimizer_state_keyed_by_index_or_by_name_converts_both_ways(tmp_path):
+    """A data-parallel checkpoint keys the optimizer state by parameter index, an FSDP one by name (as
+    torch.distributed.checkpoint writes it): either resumes under the other setting."""
+    from accelerate import Accelerator
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from rim.train.loop import keyed_optimizer_state
+    from rim.train.state import CheckpointError
+
+    model, _, _ = make_tiny("llama")  # tied embeddings: the head's weight is the embedding's
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # not in the optimizer
+    optimizer = fresh_optimizer(model, StageConfig(lr=1e-3), Accelerator(cpu=True))
+    model(input_ids=torch.tensor([[4, 5]])).logits.sum().backward()
+    optimizer.step()
+    by_index, by_name = optimizer.state_dict(), get_optimizer_state_dict(model, optimizer.optimizer)
+    converted = keyed_optimizer_state(by_index, model, True, tmp_path)
+    assert converted["param_groups"] == by_name["param_groups"]
+    assert converted["state"].keys() == by_name["state"].keys()
+    assert all(torch.equal(converted["state"][k]["exp_avg"], by_name["state"][k]["exp_avg"]) for k in by_name["state"])
+    back = keyed_optimizer_state(by_name, model, False, tmp_path)
+    assert back["param_groups"] == by_index["param_groups"] and back["state"].keys() == by_index["state"].keys()
+    assert keyed_optimizer_state(by_index, model, False, tmp_path) is by_index
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    with pytest.raises(CheckpointError, match="do not match"):
+        keyed_optimizer_state(by_index, model, True, tmp_path)

@@ -442,8 +442,9 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
     def save() -> None:  # after each part: a later part that fails or runs out of time leaves the earlier numbers
         results.update(ratios=ratios(results), wall_s=time.perf_counter() - start)
         results["targets"] = check_targets(results["ratios"], shape)
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+        # (not with_suffix: a shape such as llama-3.2-1b has dots in its name)
+        stem.with_name(stem.name + ".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        stem.with_name(stem.name + ".md").write_text(markdown(results), encoding="utf-8")
 
     if suite in ("latency", "all"):
         results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)

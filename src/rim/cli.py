@@ -99,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
                              repeats=args.repeats, static_cache=args.static_cache,
-                             compile=args.compile, compile_train=args.compile_train)
+                             compile=compile_setting(args), compile_train=args.compile_train)
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -145,19 +145,43 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                               args.l2)), end="")
 
 
+def compile_setting(args: argparse.Namespace) -> bool | str:
+    """``--compile`` / ``--compile-mode MODE``: False, True (the device's default mode) or the mode."""
+    from rim.config import ConfigError, bad_compile
+
+    if args.compile_mode is None:
+        return args.compile
+    want = bad_compile(args.compile_mode)
+    if want is not None:
+        raise ConfigError(f"--compile-mode must be {want}, not {args.compile_mode!r}")
+    return args.compile_mode
+
+
 def decoding_overrides(args: argparse.Namespace) -> list[str]:
-    """``--cache`` and ``--compile`` as overrides of the run's ``eval.cache`` and ``eval.compile`` (``--compile``
-    alone implies the static cache it needs)."""
-    cache = args.cache or ("static" if args.compile else None)
-    return [f"eval.{key}={value}" for key, value in (("cache", cache), ("compile", args.compile)) if value]
+    """``--cache`` and ``--compile`` (``--compile-mode``) as overrides of the run's ``eval.cache`` and
+    ``eval.compile``: compiling implies the static cache it needs, and ``--cache dynamic`` without ``--compile``
+    also turns off a compile the run's config sets."""
+    compile = compile_setting(args)
+    cache = args.cache or ("static" if compile else None)
+    overrides = [f"eval.cache={cache}"] if cache else []
+    if compile or cache == "dynamic":
+        overrides.append(f"eval.compile={compile}")
+    return overrides
+
+
+def add_compile_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """Two flags rather than one with an optional value, which would take a positional argument after it."""
+    p.add_argument("--compile", action="store_true",
+                   help=f"{what}; mode reduce-overhead (CUDA graphs) on a GPU, inductor's default elsewhere")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="--compile with this mode: default, reduce-overhead, max-autotune, "
+                        "max-autotune-no-cudagraphs, or a torch.compile backend (eager: tracing only)")
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=["dynamic", "static"], default=None,
                    help="KV cache of decoding (default: eval.cache of the run, dynamic)")
-    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                   help="torch.compile the decoding steps (static cache): reduce-overhead (CUDA graphs; the "
-                        "default on a GPU), default, max-autotune, or a torch.compile backend")
+    add_compile_flags(p, "torch.compile the decoding steps (static cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,9 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-tokens", type=int, default=100)
     p.add_argument("--static-cache", action="store_true",
                    help="latency: also No-CoT and RiM with a static KV cache (rows nocot_static, rim_static)")
-    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                   help="latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
-                        "*_compiled; MODE as for rim eval --compile)")
+    add_compile_flags(p, "latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
+                         "*_compiled)")
     p.add_argument("--compile-train", action="store_true",
                    help="train: also RiM's step through torch.compile'd blocks (row rim_compiled; the compiling "
                         "happens in the warm-up runs)")

@@ -132,7 +132,7 @@ class EvalConfig:
     any_block: bool = True  # also decode after every block (RiM): any-block accuracy and per-block readouts
     latency_examples: int = 20  # problems timed one by one at batch 1 for TTFT and latency
     cache: str = "dynamic"  # KV cache of decoding: dynamic, or static (preallocated; what compile needs)
-    compile: bool | str = False  # torch.compile the decoding steps (true, or a mode such as reduce-overhead)
+    compile: bool | str = False  # torch.compile the decoding steps (true, a mode such as reduce-overhead, or a backend)
     select_split: str | None = None  # evaluate on this split during training and keep the best checkpoint (best/)
     every: int | None = None  # ... every N optimizer steps (and at the end of each stage)
     select_max: int | None = None  # use only the first N problems of the selection split
@@ -252,6 +252,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def bad_compile(value: bool | str) -> str | None:
+    """What ``eval.compile`` (or ``--compile-mode``) must be, when ``value`` is not that; None when it is. Imports
+    dynamo (about a second) only for a name that is not one of the modes."""
+    from rim.infer.generate import COMPILE_MODES
+
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return None
+    from torch._dynamo import list_backends
+
+    if value in list_backends(exclude_tags=()):
+        return None
+    return (f"true, false, a mode ({', '.join(COMPILE_MODES)}) or a torch.compile backend (such as eager or "
+            "inductor; torch._dynamo.list_backends(exclude_tags=()) lists them)")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
     from rim.core.curriculum import BLOCK_SCHEDULES, STEP_SCHEDULES
@@ -260,6 +275,7 @@ def validate(cfg: Config) -> None:
     from rim.methods.base import METHODS, TOO_LONG, Method, method_class
 
     method_class("rim")  # registers the built-in methods
+    compile_want = bad_compile(cfg.eval.compile)
     kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
     checks = [
         (cfg.method.name in METHODS, "method.name", f"one of {', '.join(sorted(METHODS))}"),
@@ -337,6 +353,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.latency_examples >= 0, "eval.latency_examples", ">= 0"),
         (cfg.eval.cache in CACHES, "eval.cache", " or ".join(CACHES)),
         (not cfg.eval.compile or cfg.eval.cache == "static", "eval.compile", "false unless eval.cache is static"),
+        (compile_want is None, "eval.compile", compile_want),
     ]
     for ok, key, want in checks:
         if not ok:

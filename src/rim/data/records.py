@@ -14,6 +14,7 @@ stops loading under either policy.
 
 from __future__ import annotations
 
+import codecs
 import json
 import warnings
 from collections import Counter
@@ -39,11 +40,21 @@ class DataError(ValueError):
         self.reason = reason
 
 
-def decode(raw: bytes, where: str) -> str:
-    """UTF-8 text of ``raw`` without a leading byte-order mark (editors on Windows write one at the start of a
-    file); bytes that are not UTF-8 raise DataError (with the offset) instead of a traceback."""
+def utf8(raw: bytes, start_of_file: bool = True) -> str:
+    """``raw`` as UTF-8 text, without a byte-order mark if it starts the file (editors on Windows write one there;
+    anywhere else it is a character). A UnicodeDecodeError counts its offsets in ``raw``, the mark included."""
+    skip = len(codecs.BOM_UTF8) if start_of_file and raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig")
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UnicodeDecodeError("utf-8", raw, err.start + skip, err.end + skip, err.reason) from None
+
+
+def decode(raw: bytes, where: str, start_of_file: bool = False) -> str:
+    """``utf8(raw, start_of_file)``; bytes that are not UTF-8 raise DataError (with the offset) instead of a
+    traceback."""
+    try:
+        return utf8(raw, start_of_file)
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})",
                         "not UTF-8") from None
@@ -63,7 +74,7 @@ def read_json_file(path: Path) -> Any:
     """The JSON value of a whole file; bad UTF-8 or JSON raise DataError naming the file and line."""
     data = path.read_bytes()
     try:
-        return json.loads(data.decode("utf-8-sig"))
+        return json.loads(utf8(data))
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path}, line {line}: not UTF-8 (byte {err.start} of the file)", "not UTF-8") from None
@@ -141,10 +152,14 @@ class Records:
     def lines(self, path: str | Path, parse: Callable[[str, str], T], limit: int | None = None) -> list[T]:
         """Every non-blank line of a UTF-8 text file, parsed by ``parse(line, where)`` (no line end) under the
         policy; ``where`` is ``"<path>, line <n>"``."""
+
+        def parse_line(item: tuple[bytes, bool], where: str) -> T:
+            raw, first = item
+            return parse(decode(raw, where, first).rstrip("\r\n"), where)
+
         with open(path, "rb") as f:
-            items = ((f"{path}, line {n}", raw) for n, raw in enumerate(f, start=1) if raw.strip())
-            return self.collect(str(path), items, lambda raw, where: parse(decode(raw, where).rstrip("\r\n"), where),
-                                limit)
+            items = ((f"{path}, line {n}", (raw, n == 1)) for n, raw in enumerate(f, start=1) if raw.strip())
+            return self.collect(str(path), items, parse_line, limit)
 
     def skip(self, source: str, counts: Counter, first: list[str]) -> None:
         """Record ``counts`` (reason -> records) dropped from ``source`` and warn, quoting the ``first`` few."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,6 +114,10 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
     out_dir = "eval-protocol" + (f"-{task_name}" if task_name else "")
     if not names:
         raise FileNotFoundError(f"{run_dir}: no finished checkpoints")
+    keep = load_config(Path(run_dir) / "config.yaml").train.keep_last
+    if keep:
+        warnings.warn(f"{run_dir}: train.keep_last={keep} deleted older checkpoints; the protocol selects among the "
+                      f"{len(names)} that remain, not among every checkpoint the run wrote", stacklevel=2)
     correct, per_checkpoint = [], {}
     for name in names:
         out_name = f"{out_dir}/{name.replace('/', '_')}"

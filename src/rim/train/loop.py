@@ -42,8 +42,10 @@ from rim.train.state import (CheckpointError, Position, config_diff, fsync_tree,
                              restore_rng, resumable, save_state, verify, write_manifest)
 
 
+# the run directory's folders that ``write_checkpoint`` replaces, moving the old one aside to ``<name>.old`` meanwhile
+REPLACED = ("checkpoint", "best")
 # what a run writes (besides config.yaml, layout.txt and eval*/ results) that a rerun must not mix with its own
-RUN_OUTPUTS = ("checkpoint", "checkpoints", "best", "metrics.jsonl")
+RUN_OUTPUTS = ("checkpoint", "checkpoints", "best", "metrics.jsonl", *(f"{name}.old" for name in REPLACED))
 
 
 class RunLog:
@@ -445,6 +447,25 @@ def load_weights(model, folder: Path) -> None:
                               f"unexpected {unexpected[:3]})")
 
 
+def keyed_optimizer_state(state: dict, model, by_name: bool, folder: Path) -> dict:
+    """A checkpoint's optimizer state keyed by parameter name (``by_name``: what ``load_optimizer_state`` takes
+    under FSDP) or by index (``Optimizer.load_state_dict``), whichever way the run that wrote it keyed it, so a run
+    resumes with or without ``train.fsdp`` either way. Index i is the i-th trainable parameter in the order
+    ``fresh_optimizer`` lists them; a name is its ``named_parameters`` name (a tied weight's first), as
+    torch.distributed.checkpoint writes it. ``model``: neither sharded nor wrapped yet."""
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    new_key = dict(enumerate(names)) if by_name else {name: i for i, name in enumerate(names)}
+    saved = [key for group in state["param_groups"] for key in group["params"]]
+    if all(isinstance(key, str) == by_name for key in saved):
+        return state
+    if len(saved) != len(names) or set(saved) != set(new_key):
+        raise CheckpointError(f"{folder}: its optimizer state holds {len(saved)} parameters that do not match the "
+                              f"{len(names)} this model trains")
+    return {"state": {new_key[key]: value for key, value in state["state"].items()},
+            "param_groups": [{**group, "params": [new_key[key] for key in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
 class Checkpointer:
     """Checkpoints during training: every ``train.save_every`` steps into ``checkpoints/step-N`` and, with
     ``eval.select_split``, an evaluation every ``eval.every`` steps (and at each stage end) that keeps the best
@@ -517,10 +538,11 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def restore_moved_aside(run_dir: Path) -> None:
-    """Finish a folder replacement that a crash interrupted (see ``write_checkpoint``): a ``<name>.old`` without
-    its ``<name>`` is the last whole copy and goes back in place; one beside its ``<name>`` is a leftover."""
-    for old in run_dir.glob("*.old"):
-        target = old.with_suffix("")
+    """Finish a replacement of ``checkpoint/`` or ``best/`` that a crash interrupted (see ``write_checkpoint``): a
+    ``<name>.old`` without its ``<name>`` is the last whole copy and goes back in place; one beside its ``<name>``
+    is a leftover. Other ``*.old`` folders are not rim's and stay."""
+    for name in REPLACED:
+        old, target = run_dir / f"{name}.old", run_dir / name
         if old.is_dir() and not target.exists():
             os.replace(old, target)
         else:
@@ -569,9 +591,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     run_dir = Path(run_dir or cfg.output_dir)
     accelerator = make_accelerator(cfg, run_dir)
     start_from = resume_point(run_dir, resume)
-    if accelerator.is_main_process:
-        restore_moved_aside(run_dir)
-    accelerator.wait_for_everyone()
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
     if start_from is None and earlier and not cfg.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
@@ -594,6 +613,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             for path in earlier:  # overwrite=true: nothing of the earlier run may mix with this one
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         else:
+            restore_moved_aside(run_dir)  # first, so that drop_after sees the best/ that a crash moved aside
             trim_log(run_dir / "metrics.jsonl", pos.step)
             drop_after(run_dir, pos.step)
     if cfg.train.trackers:
@@ -619,7 +639,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     if task.records.total_skipped() or task.records.truncated:
         log.write(event="data", skipped=task.records.skipped, skipped_total=task.records.total_skipped(),
                   truncated=task.records.truncated)
-    if cfg.train.fsdp and accelerator.num_processes > 1:
+    sharded = cfg.train.fsdp and accelerator.num_processes > 1
+    if resumed is not None and resumed["optimizer"] is not None:
+        resumed["optimizer"] = keyed_optimizer_state(resumed["optimizer"], model, sharded, start_from)
+    if sharded:
         model = shard_model(model, accelerator.device, accelerator.mixed_precision)
     else:
         model = accelerator.prepare(model)

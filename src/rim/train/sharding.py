@@ -99,7 +99,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 @contextmanager
 def gathered(model: nn.Module) -> Iterator[None]:
     """Within the block the model's weights are whole on every process, so forwards need no collectives and
-    processes may run different numbers of them (sharded evaluation). Nothing happens for an unsharded model."""
+    processes may run different numbers of them (sharded evaluation). Nothing happens for an unsharded model.
+    On exit every unit reshards after forward again, except the root: FSDP2 keeps it whole after forward by
+    default, since backward would gather it right back."""
     units = fsdp_modules(model)
     for unit in units:
         unit.unshard()
@@ -109,4 +111,4 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
