@@ -106,7 +106,8 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(tmp_path, mode):
     """Sharded weights, gradients and optimizer state: the same losses, selection and saved weights as one
     process; a checkpoint holds full (gathered) weights and optimizer state, and resuming from it under FSDP
     gives the uninterrupted run. LoRA on a model with tied embeddings (peft saves the head's copy of the token
-    rows too). The full-training case also fuses the loss with the LM head (``train.fused_loss``)."""
+    rows too), with gradient accumulation inside each process. The full-training case also fuses the loss with the
+    LM head (``train.fused_loss``)."""
     (tmp_path / "c.yaml").write_text(CONFIG + "eval: {select_split: valid, every: 2}\n")
     extra, sharded = [], ["train.fsdp=true"]
     if mode == "full":  # and the loss fused with the LM head, inside the sharded root's forward
@@ -117,7 +118,10 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(tmp_path, mode):
         assert base.config.tie_word_embeddings
         base.save_pretrained(tmp_path / "base")
         tok.save_pretrained(tmp_path / "base")
-        extra = ["model.name=base", "model.train_mode=lora", "model.lora_rank=4"]
+        # and two micro-batches per process and step (the same global batch 16): FSDP's gradient sync is switched
+        # off for the first
+        extra = ["model.name=base", "model.train_mode=lora", "model.lora_rank=4", "train.batch_size=4",
+                 "train.grad_accum=4"]
     fsdp = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "rim.cli", "train", "c.yaml", *sharded, *extra]
     run([sys.executable, "-m", "rim.cli", "train", "c.yaml", "output_dir=one", *extra], tmp_path)
     run([*fsdp, "output_dir=two"], tmp_path)
