@@ -436,15 +436,14 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
     model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
     results: dict = {"suite": suite, "shape": shape, "shape_config": asdict(SHAPES[shape]), "settings": asdict(s),
                      "environment": environment(dev, infer_dtype)}
-    stem = Path(out_dir) / f"bench-{shape}-{suite}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    out, stem = Path(out_dir), f"bench-{shape}-{suite}"
+    out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after each part: a later part that fails or runs out of time leaves the earlier numbers
         results.update(ratios=ratios(results), wall_s=time.perf_counter() - start)
         results["targets"] = check_targets(results["ratios"], shape)
-        # (not with_suffix: a shape such as llama-3.2-1b has dots in its name)
-        stem.with_name(stem.name + ".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        stem.with_name(stem.name + ".md").write_text(markdown(results), encoding="utf-8")
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (out / f"{stem}.md").write_text(markdown(results), encoding="utf-8")
 
     if suite in ("latency", "all"):
         results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)

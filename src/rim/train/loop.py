@@ -289,10 +289,11 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     total = stage_length(stage, len(loader), accumulate)
     steps_per_epoch = math.ceil(len(loader) / accumulate)
+    sharded = is_sharded(model)
     if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
-            if is_sharded(model):  # the moments; the learning rate is set below
+            if sharded:  # the moments; the learning rate is set below
                 load_optimizer_state(model, optimizer, resumed["optimizer"])
             else:
                 optimizer.load_state_dict(resumed["optimizer"])
@@ -308,7 +309,6 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
         restore_rng(resumed["rng"])
     set_dropout(model, stage.dropout)
     model.train()
-    sharded = is_sharded(model)
     bar = tqdm(total=total, initial=pos.stage_step, desc=f"{stage.name}",
                disable=not (cfg.train.progress and accelerator.is_main_process))
     step, skip, n_loss, tokens = pos.stage_step, pos.batch, 0, 0
