@@ -9,7 +9,8 @@
 # Every shape runs the whole suite in one process, so each ratio is measured side by side: latency of every
 # method (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), one masked pass for
 # all K readouts against K decodes, and the training step (all weights trainable, as the issue's H200 check):
-# plain HF against RiM with full, supervised and fused logits and with compiled blocks.
+# plain HF against RiM with full, supervised and fused logits and with compiled blocks (default mode, and
+# reduce-overhead: the blocks' CUDA graphs).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/rim-bench}; mkdir -p "$OUT"
@@ -23,7 +24,8 @@ if [ ${#shapes[@]} -eq 0 ]; then
   echo "tests rc=$?" | tee -a "$OUT/tests.log"
 fi
 for shape in "${shapes[@]}"; do
-  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench all --shape "$shape" --train-mode full --compile-train \
+  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench all --shape "$shape" --train-mode full \
+    --compile-train default,reduce-overhead \
     --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"
   cat "$OUT/bench-$shape-all.md" 2>/dev/null

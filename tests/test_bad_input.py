@@ -359,10 +359,24 @@ def test_over_long_examples_are_skipped_or_have_their_question_cut_from_the_left
     ("train.fsdp=true train.precision=fp16", "train.precision"),
     ("train.fsdp=true method.name=coconut", "train.fsdp"),
     ("eval.cache=static eval.compile=fast", "eval.compile"),
+    ("train.compile=fast", "train.compile"), ("train.pad_to_multiple=0", "train.pad_to_multiple"),
+    ("train.compile=reduce-overhead", "train.pad_to_multiple"),
 ])
 def test_config_ranges_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):
         load_config(None, ["stages.0.epochs=null", "stages.0.steps=1", *override.split()])
+
+
+def test_an_unquoted_yaml_no_gets_a_hint_to_quote_it():
+    with pytest.raises(ConfigError, match=r"'train.precision': expected str, got bool False \(YAML reads unquoted"):
+        load_config(None, ["train.precision=no"])
+    assert load_config(None, ["train.precision='no'"]).train.precision == "no"
+
+
+def test_cuda_graph_compile_is_refused_for_coconut():
+    with pytest.raises(ConfigError, match=re.escape("'train.compile' must be not a CUDA-graph mode for coconut")):
+        load_config(None, ["method.name=coconut", "stages=[{name: l, kind: latent, steps: 1}]",
+                           "train.compile=max-autotune", "train.pad_to_multiple=8"])
 
 
 def test_data_config_defaults_are_safe():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from rim.bench import REASONING_TOKENS, SHAPES, BenchSettings, Shape, run_bench
-from rim.cli import main
+from rim.cli import build_parser, compile_train_modes, main
+from rim.config import ConfigError
 
 
 def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys, monkeypatch):
@@ -63,3 +66,12 @@ def test_a_shape_name_with_dots_keeps_its_whole_file_name(tmp_path, monkeypatch)
     run_bench("train", "tiny-3.2-x", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1,
                                                                     warmup=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-tiny-3.2-x-train.json", "bench-tiny-3.2-x-train.md"]
+
+
+def test_compile_train_takes_modes_or_backends():
+    parse = build_parser().parse_args
+    assert compile_train_modes(parse(["bench", "train", "--compile-train"]).compile_train) == ("default",)
+    assert compile_train_modes(parse(["bench", "train"]).compile_train) == ()
+    assert compile_train_modes("default, reduce-overhead,eager") == ("default", "reduce-overhead", "eager")
+    with pytest.raises(ConfigError, match="--compile-train: 'fast' is neither"):
+        compile_train_modes("default,fast")

@@ -187,15 +187,22 @@ def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
     from rim.bench import SHAPES, BenchSettings, Shape, run_bench
 
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
-    compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    results = run_bench("train", "tiny", "cpu", tmp_path, BenchSettings(question_tokens=12, train_batch=2, repeats=1,
-                                                                        warmup=0, compile_train=True))
-    assert compiled == ["LlamaDecoderLayer"] * 2
+    compiled, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    settings = BenchSettings(question_tokens=12, train_batch=2, repeats=2, warmup=1,
+                             compile_train=("default", "reduce-overhead"))
+    results = run_bench("train", "tiny", "cpu", tmp_path, settings)
+    assert compiled == [("LlamaDecoderLayer", {})] * 2 + [("LlamaDecoderLayer", {"mode": "reduce-overhead"})] * 2
+    assert len(marks) == 2 * 3  # every timed and warm-up step of the CUDA-graph row, in both stages
+    rows = {"plain", "rim_full", "rim_supervised", "rim_fused", "rim_compiled", "rim_compiled_reduce_overhead"}
     for i, stage in enumerate(("grounding", "refinement"), start=1):
-        assert {"plain", "rim_full", "rim_supervised", "rim_fused", "rim_compiled"} <= set(results["train"][stage])
-        assert {f"train_stage{i}_fused_over_plain", f"train_stage{i}_compiled_over_plain"} <= set(results["ratios"])
-    assert "| refinement | rim_compiled |" in (tmp_path / "bench-tiny-train.md").read_text()
+        assert rows <= set(results["train"][stage])
+        assert {f"train_stage{i}_{row}_over_plain" for row in ("fused", "compiled", "compiled_reduce_overhead")} \
+            <= set(results["ratios"])
+    passes = results["train"]["masked_vs_separate"]
+    assert results["ratios"]["masked_over_separate_tokens"] == passes["separate_tokens"] / passes["masked_tokens"] > 1
+    assert "| refinement | rim_compiled_reduce_overhead |" in (tmp_path / "bench-tiny-train.md").read_text()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -251,6 +258,73 @@ def test_length_buckets_cover_every_example_once_with_less_padding():
 
     shuffled = torch.randperm(500, generator=torch.Generator().manual_seed(3)).tolist()
     assert padded(first) < 0.6 * padded([shuffled[i:i + 16] for i in range(0, 500, 16)])
+
+
+@pytest.mark.parametrize("name", ["rim", "coconut"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_to_a_multiple_keeps_the_loss_and_gradients(family, name):
+    """``train.pad_to_multiple``: the longer batch computes the same loss and gradients (its padding is masked out,
+    and the supervised positions are re-indexed into the wider rows)."""
+    tok = word_tokenizer(WORDS)
+    model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, seed=0).train()
+    add_tokens(tok, model, METHODS[name].special_tokens)
+    method = make_method(MethodConfig(name=name, thoughts_per_step=1, max_latent_steps=1), tok)
+    stage = StageConfig(name="s", kind=method.stage_kinds[-1], steps=1, latent_steps=1)
+    examples = [method.tokenize(RunningSum(digits=4), tok, e) for e in (Example("3 7 2 9", ("3", "0", "2", "1"), "1"),
+                                                                        Example("5 1", ("5", "6"), "6"))]
+    layouts = [method.train_layout(ex, stage) for ex in examples]
+    results = []
+    for multiple in (1, 16):
+        batch = method.collate(layouts, tok.pad_token_id, multiple)
+        results.append(loss_and_grads(model, method, batch, stage_weights(batch, stage, 0.0), True))
+        results[-1] += (batch,)
+    (loss, grads, batch), (padded_loss, padded_grads, padded) = results
+    assert padded["input_ids"].shape[1] % 16 == 0 and padded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert padded["labels"].flatten()[padded["supervised"]].tolist() == \
+        batch["labels"].flatten()[batch["supervised"]].tolist()
+    assert torch.allclose(padded_loss, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(padded_grads, grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_blocks_passes_the_mode_or_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(k))
+    model, _, mem = make_tiny("llama", layers=2)
+    for how, options in ((True, {}), ("reduce-overhead", {"mode": "reduce-overhead"}), ("eager", {"backend": "eager"})):
+        compile_blocks(model, how)
+        assert calls[-2:] == [options] * 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (bench/run_gpu.sh runs it there)"))])
+def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkeypatch, device):
+    """``train.compile=reduce-overhead`` with padded batches (real inductor; on a CPU without the CUDA graphs
+    themselves): the same losses as eager training (fp32), a new graph step marked before every batch, and
+    selection decoding run eagerly (it would otherwise record graphs for every length it meets)."""
+    from rim.train import loop
+
+    marks, stances = [], []
+    mark, set_stance = torch.compiler.cudagraph_mark_step_begin, torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or mark())
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **k: stances.append(stance) or set_stance(
+        stance, **k))
+    base = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2",
+            "data.options={n_train: 32, n_valid: 4}", "eval.select_split=valid", "eval.every=2",
+            "stages=[{name: g, kind: grounding, steps: 3}, {name: r, kind: refinement, steps: 2}]",
+            "train.batch_size=8", "train.progress=false", "train.log_every=1", f"train.device={device}",
+            "train.precision='no'"]
+
+    def losses(*extra: str) -> list[float]:
+        run = loop.train(load_config(None, [*base, *extra, f"output_dir={tmp_path / str(len(extra))}"]))
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [e["loss"] for e in events if e["event"] == "train"]
+
+    eager = losses()
+    assert not marks and not stances
+    compiled = losses("train.compile=reduce-overhead", "train.pad_to_multiple=8")
+    assert compiled == pytest.approx(eager, rel=1e-5) and len(eager) == 5
+    assert len(marks) == 5 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

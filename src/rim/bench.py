@@ -35,6 +35,7 @@ from rim.config import MethodConfig, StageConfig
 from rim.core.batch import collate
 from rim.core.layout import PAD, Readout, build_layout
 from rim.data.tasks import Example
+from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import METHODS, Method, TokenizedExample, make_method
 from rim.models.adapter import add_tokens, compile_blocks, logits_at, make_trainable, masked_forward, set_dropout
 from rim.models.tiny import SPECIAL, word_tokenizer
@@ -99,7 +100,9 @@ class BenchSettings:
     compile: bool | str = False  # ... and with compiled decoding steps, static cache (rows <method>_compiled)
     train_batch: int = 32
     train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
-    compile_train: bool = False  # also time the training step through torch.compile'd blocks (rim_compiled)
+    # also time RiM's training step through blocks torch.compile'd in these modes (or backends): rows rim_compiled
+    # ("default") and rim_compiled_<mode> (reduce-overhead: CUDA graphs on a GPU)
+    compile_train: tuple[str, ...] = ()
     warmup: int = 2
     repeats: int = 10
     seed: int = 0
@@ -244,7 +247,7 @@ def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: torch.device, mode: str) -> dict:
     """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full logits, supervised logits,
     fused loss) on each stage's batch; then one masked pass over K readouts against K separate passes (forward
-    only); last, with ``s.compile_train``, RiM's step (supervised logits) through compiled blocks."""
+    only); last, for each mode of ``s.compile_train``, RiM's step (supervised logits) through compiled blocks."""
     n_params = sum(p.numel() for p in model.parameters())
     model = make_trainable(model, new_ids, mode, lora_rank=128)
     set_dropout(model, 0.0)
@@ -261,10 +264,10 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
     batches = [{k: v.to(device) for k, v in method.collate([method.train_layout(ex, stage) for ex in examples],
                                                            tokenizer.pad_token_id).items()} for stage in stages]
 
-    def measure(loss_fn: Callable[[], torch.Tensor], tokens: int) -> dict:
+    def measure(loss_fn: Callable[[], torch.Tensor], tokens: int, graphs: bool = False) -> dict:
         reset_peak_memory(device)
-        seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast), device, s.warmup,
-                                          s.repeats))
+        seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast, graphs), device,
+                                          s.warmup, s.repeats))
         return {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(device),
                 "mfu": mfu(n_params, tokens / seconds, device)}
 
@@ -276,12 +279,14 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
     model.eval()
     with torch.no_grad(), autocast:
         out["masked_vs_separate"] = bench_masked_pass(model, method, examples, s, device)
-    if s.compile_train:  # last: compiling changes the model in place (the warm-up runs include the compiling)
-        compile_blocks(model)
-        model.train()
+    model.train()
+    for how in s.compile_train:  # last: compiling changes the model in place (the warm-up runs compile)
+        torch._dynamo.reset()  # nothing compiled in an earlier mode is reused
+        compile_blocks(model, True if how == "default" else how)
+        row = "rim_compiled" if how == "default" else f"rim_compiled_{how.replace('-', '_')}"
         for stage, batch in zip(stages, batches):
-            out[stage.name]["rim_compiled"] = measure(step_losses(model, method, batch, stage)["rim_supervised"],
-                                                      out[stage.name]["tokens"])
+            out[stage.name][row] = measure(step_losses(model, method, batch, stage)["rim_supervised"],
+                                           out[stage.name]["tokens"], how in CUDA_GRAPH_MODES)
     return out
 
 
@@ -296,8 +301,12 @@ def step_losses(model, method, batch: dict[str, torch.Tensor], stage: StageConfi
             "rim_fused": lambda: step_loss(method, model, batch, weights, fused_loss=True)}
 
 
-def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, autocast) -> None:
-    """Forward (under ``autocast``), backward and an optimizer step."""
+def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, autocast,
+               graphs: bool = False) -> None:
+    """Forward (under ``autocast``), backward and an optimizer step; ``graphs``: a new step of the CUDA graphs of
+    the compiled blocks begins (as in ``rim train``)."""
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast:
         loss = loss_fn()
     loss.backward()
@@ -368,13 +377,15 @@ def ratios(results: dict) -> dict[str, float]:
             speed = {name: row["tokens_per_s"] for name, row in train[stage].items() if isinstance(row, dict)}
             out[f"train_stage{i}_rim_over_plain"] = speed["rim_supervised"] / speed["plain"]
             out[f"train_stage{i}_supervised_over_full"] = speed["rim_supervised"] / speed["rim_full"]
-            for name in ("full", "fused", "compiled"):
-                if f"rim_{name}" in speed:
-                    out[f"train_stage{i}_{name}_over_plain"] = speed[f"rim_{name}"] / speed["plain"]
+            for name in speed:
+                if name.startswith("rim_") and name != "rim_supervised":
+                    out[f"train_stage{i}_{name[4:]}_over_plain"] = speed[name] / speed["plain"]
             out[f"train_stage{i}_fastest_over_plain"] = max(v for k, v in speed.items() if k.startswith("rim_")) \
                 / speed["plain"]  # the target: RiM's step as fast as its options make it
         passes = train["masked_vs_separate"]
         out["masked_over_separate"] = passes["separate_ms"] / passes["one_masked_ms"]
+        # where the passes are compute-bound, the ratio cannot exceed the ratio of the tokens they process
+        out["masked_over_separate_tokens"] = passes["separate_tokens"] / passes["masked_tokens"]
     return out
 
 

@@ -99,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
                              repeats=args.repeats, static_cache=args.static_cache,
-                             compile=compile_setting(args), compile_train=args.compile_train)
+                             compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train))
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -143,6 +143,18 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     print(summary(analyze_run(args.run, args.checkpoints, args.probe_split, args.score_split, args.max, args.device,
                               args.l2)), end="")
+
+
+def compile_train_modes(value: str | None) -> tuple[str, ...]:
+    """``--compile-train [MODES]``: the compile modes (or backends) to time RiM's training step in."""
+    from rim.config import ConfigError, bad_compile
+
+    modes = tuple(m.strip() for m in value.split(",")) if value else ()
+    for mode in modes:
+        want = bad_compile(mode)
+        if want is not None:
+            raise ConfigError(f"--compile-train: {mode!r} is neither a compile mode nor a backend; want {want}")
+    return modes
 
 
 def compile_setting(args: argparse.Namespace) -> bool | str:
@@ -251,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: also No-CoT and RiM with a static KV cache (rows nocot_static, rim_static)")
     add_compile_flags(p, "latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
                          "*_compiled)")
-    p.add_argument("--compile-train", action="store_true",
-                   help="train: also RiM's step through torch.compile'd blocks (row rim_compiled; the compiling "
-                        "happens in the warm-up runs)")
+    p.add_argument("--compile-train", nargs="?", const="default", default=None, metavar="MODES",
+                   help="train: also RiM's step through torch.compile'd blocks, in each of these comma-separated "
+                        "modes (default when none is given; e.g. default,reduce-overhead): rows rim_compiled and "
+                        "rim_compiled_<mode>; the compiling happens in the warm-up runs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("answer", help="answer questions with a trained run; one JSON line per question")

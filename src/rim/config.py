@@ -117,7 +117,9 @@ class TrainConfig:
     fused_loss: bool = False  # the loss fused with the LM head, a chunk of rows at a time: no logits tensor at all
     bucket_by_length: bool = False  # batches of examples of similar length (less padding), drawn from the seed
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
-    compile: bool = False  # torch.compile each transformer block (compiling costs time on the first batches)
+    compile: bool | str = False  # torch.compile each transformer block: true, a mode (reduce-overhead: CUDA graphs)
+    # or a backend; compiling costs time on the first batches
+    pad_to_multiple: int | None = None  # pad each batch's length up to a multiple of this: fewer shapes to compile
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (torch FSDP2)
     trackers: list = field(default_factory=list)  # also log to these accelerate trackers: tensorboard, wandb, ...
     tracker_project: str = "rim"  # project / experiment name for the trackers
@@ -184,8 +186,10 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     expected = origin or hint
     if expected is Any or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
         return value
+    advice = (" (YAML reads unquoted no, yes, off and on as booleans: quote the word, e.g. precision: 'no')"
+              if expected is str and isinstance(value, bool) else "")
     raise ConfigError(f"config key {key!r}: expected {getattr(expected, '__name__', expected)}, "
-                      f"got {type(value).__name__} {value!r}")
+                      f"got {type(value).__name__} {value!r}{advice}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -253,8 +257,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def bad_compile(value: bool | str) -> str | None:
-    """What ``eval.compile`` (or ``--compile-mode``) must be, when ``value`` is not that; None when it is. Imports
-    dynamo (about a second) only for a name that is not one of the modes."""
+    """What ``eval.compile``, ``train.compile`` (or ``--compile-mode``) must be, when ``value`` is not that; None
+    when it is. Imports dynamo (about a second) only for a name that is not one of the modes."""
     from rim.infer.generate import COMPILE_MODES
 
     if isinstance(value, bool) or value in COMPILE_MODES:
@@ -271,11 +275,11 @@ def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
     from rim.core.curriculum import BLOCK_SCHEDULES, STEP_SCHEDULES
     from rim.data.records import ON_ERROR
-    from rim.infer.generate import CACHES
+    from rim.infer.generate import CACHES, CUDA_GRAPH_MODES
     from rim.methods.base import METHODS, TOO_LONG, Method, method_class
 
     method_class("rim")  # registers the built-in methods
-    compile_want = bad_compile(cfg.eval.compile)
+    compile_want, train_compile_want = bad_compile(cfg.eval.compile), bad_compile(cfg.train.compile)
     kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
     checks = [
         (cfg.method.name in METHODS, "method.name", f"one of {', '.join(sorted(METHODS))}"),
@@ -347,6 +351,13 @@ def validate(cfg: Config) -> None:
          "false when train.supervised_logits is false (it computes the loss at the supervised positions only)"),
         (not cfg.train.fused_loss or METHODS.get(cfg.method.name, Method).forward is Method.forward,
          "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
+        (train_compile_want is None, "train.compile", train_compile_want),
+        (cfg.train.pad_to_multiple is None or cfg.train.pad_to_multiple >= 1, "train.pad_to_multiple", ">= 1"),
+        (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
+         f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape; 8 to 64 "
+         "keeps both the padding and the number of shapes small)"),
+        (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.method.name != "coconut", "train.compile",
+         "not a CUDA-graph mode for coconut (its latent passes change the sequence length pass by pass)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1"),
         (cfg.eval.blocks is None or cfg.eval.blocks >= 1, "eval.blocks", ">= 1"),

@@ -11,8 +11,11 @@ def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
 
 
-def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(layouts: list[Layout], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Batch layouts: per-token tensors (B, L) and per-readout metadata (B, R).
+
+    L is the longest layout rounded up to a multiple of ``multiple``: with compiled blocks, fewer distinct shapes
+    mean fewer recompiles, and CUDA graphs are recorded once per shape (``train.pad_to_multiple``).
 
     Per token: ``input_ids``, ``segment``, ``index``, ``position_ids``, ``labels``, ``label_readout``.
     Per readout: ``readout_step`` (t, 0 for answers), ``readout_n_steps`` (T), ``readout_block`` (k);
@@ -20,7 +23,7 @@ def collate(layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
     flat indices into (B, L) of the positions with a label, made here on the host so that training can compute
     logits only there without a device sync.
     """
-    length = max(len(x) for x in layouts)
+    length = -(-max(len(x) for x in layouts) // multiple) * multiple
     n_readouts = max(len(x.readouts) for x in layouts)
     batch = {
         "input_ids": _pad([x.input_ids for x in layouts], pad_id, length),

@@ -23,6 +23,7 @@ from torch import nn
 
 CACHES = ("dynamic", "static")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs (on a GPU)
 STATIC_CHUNK = 64  # static caches are sized in multiples of this, so batches of similar length share one
 
 
@@ -79,9 +80,14 @@ def static_cache(model: nn.Module, batch: int, length: int):
     return cache
 
 
+def compile_options(how: str) -> dict[str, str]:
+    """``torch.compile``'s keyword for ``how``: an inductor mode, or else a backend."""
+    return {"mode": how} if how in COMPILE_MODES else {"backend": how}
+
+
 @functools.cache
 def _compiled(forward, how: str):
-    return torch.compile(forward, mode=how) if how in COMPILE_MODES else torch.compile(forward, backend=how)
+    return torch.compile(forward, **compile_options(how))
 
 
 def decoding_forward(model: nn.Module, compile: bool | str):

@@ -112,8 +112,9 @@ class Method:
         """Inference prompt; ``blocks`` (K) matters only to methods with memory blocks."""
         return list(ex.question)
 
-    def collate(self, layouts: list[Layout], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate(layouts, pad_id)
+    def collate(self, layouts: list[Layout], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+        """A training batch of ``layouts``, its length rounded up to a multiple of ``multiple``."""
+        return collate(layouts, pad_id, multiple)
 
     def forward(self, model, batch: dict[str, torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits of a collated batch: (B, L, V), or (N, V) at the flat positions ``keep`` only (training

@@ -108,11 +108,12 @@ class Coconut(Method):
     def prompt(self, ex, blocks):
         return ex.question + [self.token[BOT]]
 
-    def collate(self, layouts, pad_id):
+    def collate(self, layouts, pad_id, multiple=1):
         """Right-padded batch whose question ends share one column (see the module docstring)."""
         n_question = [x.segment.count(QUESTION) for x in layouts]
         width = max(n_question)
-        batch = collate([left_shift(x, width - q, pad_id) for x, q in zip(layouts, n_question)], pad_id)
+        batch = collate([left_shift(x, width - q, pad_id) for x, q in zip(layouts, n_question)], pad_id,
+                        multiple)
         batch["attention_mask"] = (batch["segment"] != PAD).long()
         n_latent = {x.input_ids.count(self.token[THOUGHT]) for x in layouts}
         if len(n_latent) != 1:

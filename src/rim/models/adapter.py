@@ -331,11 +331,15 @@ def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
     return blocks
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` every transformer block in place; returns how many. The head, the supervised-position
-    gather and the loss stay eager: their shapes change every batch. Compiling in place keeps parameter names, so
-    checkpoints are unaffected."""
+def compile_blocks(model: nn.Module, how: bool | str = True) -> int:
+    """``torch.compile`` every transformer block in place; returns how many. ``how``: True (the default mode), an
+    inductor mode (``reduce-overhead`` records CUDA graphs, one set per batch shape) or a backend. The head, the
+    supervised-position gather and the loss stay eager: their shapes change every batch. Compiling in place keeps
+    parameter names, so checkpoints are unaffected."""
+    from rim.infer.generate import compile_options
+
     blocks = transformer_blocks(model, "compile")
+    options = {} if how is True else compile_options(how)
     for block in blocks:
-        block.compile()
+        block.compile(**options)
     return len(blocks)

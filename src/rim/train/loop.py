@@ -11,6 +11,7 @@ directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``layout.txt`` (one de
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
+from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
 from rim.models.adapter import (compile_blocks, enable_gradient_checkpointing, make_trainable, masked_loss,
                                  set_dropout)
@@ -289,7 +291,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     total = stage_length(stage, len(loader), accumulate)
     steps_per_epoch = math.ceil(len(loader) / accumulate)
-    sharded = is_sharded(model)
+    sharded, graphs = is_sharded(model), cfg.train.compile in CUDA_GRAPH_MODES
     if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
@@ -321,8 +323,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             if i < skip:
                 continue
             batch = method.collate([layouts.layout(j, step / steps_per_epoch, pos.epoch) for j in indices],
-                                   tokenizer.pad_token_id)
+                                   tokenizer.pad_token_id, cfg.train.pad_to_multiple or 1)
             batch = send_to_device(batch, accelerator.device)
+            if graphs:  # the graphs' outputs of the last step are no longer needed
+                torch.compiler.cudagraph_mark_step_begin()
             with accelerator.accumulate(model):
                 if sharded:  # accelerate's accumulate knows DDP's no_sync, not FSDP2's switch
                     model.set_requires_gradient_sync(accelerator.sync_gradients)
@@ -512,7 +516,9 @@ class Checkpointer:
         """Score the selection split (sharded over the processes); keep the checkpoint if it is the best so far."""
         inner = self.accelerator.unwrap_model(model)
         k = self.cfg.eval.blocks or self.cfg.method.blocks
-        with gathered(inner):
+        # decoding through blocks compiled into CUDA graphs would record graphs for every length it meets
+        eager = self.cfg.train.compile in CUDA_GRAPH_MODES
+        with gathered(inner), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
                               self.cfg.eval.batch_size, any_block=False, latency_examples=0)
         accuracy = result.metrics["final_block_accuracy"]  # the same on every process (records are gathered)
@@ -633,7 +639,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             print(f"resuming from {start_from} (step {pos.step})"
                   + "".join(f"\n  config changed: {line}" for line in diff))
     if cfg.train.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.train.compile)
     method = make_method(cfg.method, tokenizer)
     data = prepare_data(cfg, task, tokenizer, method)
     if task.records.total_skipped() or task.records.truncated:
