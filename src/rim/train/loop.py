@@ -246,7 +246,7 @@ class StopSignals:
     """While active, SIGTERM and SIGINT only set ``signum``; the loop checkpoints and stops at the next step."""
 
     def __init__(self):
-        self.signum, self.previous = 0, {}
+        self.signum, self.previous, self.group = 0, {}, None
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -260,10 +260,18 @@ class StopSignals:
         self.signum = signum
 
     def agreed(self, accelerator) -> int:
-        """The signal seen by any process (0 if none): every process stops at the same step."""
+        """The signal seen by any process (0 if none): every process stops at the same step. The flag is host
+        state, so it is reduced over a gloo group on the host: a reduction on the GPU would make the host wait for
+        the step's kernels every step."""
         if accelerator.num_processes == 1:
             return self.signum
-        return int(accelerator.reduce(torch.tensor(self.signum, device=accelerator.device), "max"))
+        import torch.distributed as dist
+
+        if self.group is None:  # collective: every process gets here at its first step
+            self.group = dist.new_group(backend="gloo")
+        flag = torch.tensor(self.signum)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -324,7 +332,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 continue
             batch = method.collate([layouts.layout(j, step / steps_per_epoch, pos.epoch) for j in indices],
                                    tokenizer.pad_token_id, cfg.train.pad_to_multiple or 1)
-            batch = send_to_device(batch, accelerator.device)
+            batch = send_to_device(batch, accelerator.device, non_blocking=True)  # no stream sync per step
             if graphs:  # the graphs' outputs of the last step are no longer needed
                 torch.compiler.cudagraph_mark_step_begin()
             with accelerator.accumulate(model):
