@@ -361,6 +361,8 @@ def test_over_long_examples_are_skipped_or_have_their_question_cut_from_the_left
     ("eval.cache=static eval.compile=fast", "eval.compile"),
     ("train.compile=fast", "train.compile"), ("train.pad_to_multiple=0", "train.pad_to_multiple"),
     ("train.compile=reduce-overhead", "train.pad_to_multiple"),
+    ("train.compile=reduce-overhead train.pad_to_multiple=8 train.fsdp=true", "train.compile"),
+    ("train.compile=max-autotune train.pad_to_multiple=8 train.gradient_checkpointing=true", "train.compile"),
 ])
 def test_config_ranges_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):

@@ -358,6 +358,9 @@ def validate(cfg: Config) -> None:
          "keeps both the padding and the number of shapes small)"),
         (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.method.name != "coconut", "train.compile",
          "not a CUDA-graph mode for coconut (its latent passes change the sequence length pass by pass)"),
+        (cfg.train.compile not in CUDA_GRAPH_MODES or not (cfg.train.fsdp or cfg.train.gradient_checkpointing),
+         "train.compile", "not a CUDA-graph mode with train.fsdp or train.gradient_checkpointing (untested: FSDP "
+         "gathers weights inside the blocks, and checkpointing reruns their forward inside the backward)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1"),
         (cfg.eval.blocks is None or cfg.eval.blocks >= 1, "eval.blocks", ">= 1"),
