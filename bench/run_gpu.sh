@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # The speed suite (`rim bench`) on a lent GPU machine, no registry there: it runs from the source tree. Results
-# (bench-<shape>-all.json / .md, logs, env.txt) land in $OUT.
+# (bench-<shape>-<suite>.json / .md, logs, env.txt) land in $OUT.
 #
 #   bash bench/run_gpu.sh                         # the fast-path tests, then SmolLM2-135M and GPT-2 (about 8 min)
 #   bash bench/run_gpu.sh llama-3.2-1b            # one shape per call where a call is limited to 10 minutes
 #   BENCH_ARGS="--repeats 5" SHAPE_TIMEOUT=250 bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
+#   TESTS=1 SUITE=train BENCH_ARGS="--repeats 5" bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
+#                                                 # the tests too, and only the training half of the suite
 #
-# Every shape runs the whole suite in one process, so each ratio is measured side by side: latency of every
-# method (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), one masked pass for
-# all K readouts against K decodes, and the training step (all weights trainable, as the issue's H200 check):
-# plain HF against RiM with full, supervised and fused logits and with compiled blocks (default mode, and
-# reduce-overhead: the blocks' CUDA graphs).
+# Every shape runs the suite in one process, so each ratio is measured side by side: latency of every method
+# (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), all K readouts against K
+# decodes, and the training step (all weights trainable, as the issue's H200 check): plain HF against RiM with
+# full, supervised and fused logits and with compiled blocks (default mode, and reduce-overhead: the blocks' CUDA
+# graphs). The tests include training through CUDA-graph blocks on the GPU against eager training.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/rim-bench}; mkdir -p "$OUT"
+SUITE=${SUITE:-all}
 shapes=("$@")
 if [ ${#shapes[@]} -eq 0 ]; then
   shapes=(smollm2-135m gpt2)
+  TESTS=1
+fi
+if [ -n "${TESTS:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/env.txt"
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_train.py tests/test_bench.py \
-    tests/test_generate_fast.py > "$OUT/tests.log" 2>&1
+  timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_train.py \
+    tests/test_bench.py tests/test_generate_fast.py > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" | tee -a "$OUT/tests.log"
 fi
 for shape in "${shapes[@]}"; do
-  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench all --shape "$shape" --train-mode full \
+  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench "$SUITE" --shape "$shape" --train-mode full \
     --compile-train default,reduce-overhead \
     --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"
-  cat "$OUT/bench-$shape-all.md" 2>/dev/null
+  cat "$OUT/bench-$shape-$SUITE.md" 2>/dev/null
 done
