@@ -11,7 +11,8 @@ import torch
 
 from conftest import FAMILIES, WORDS
 from rim.config import MethodConfig, StageConfig, load_config
-from rim.core.layout import BLOCK, READOUT
+from rim.core.batch import collate
+from rim.core.layout import BLOCK, READOUT, Readout, build_layout
 from rim.core.mask import attention_mask
 from rim.data.tasks import Example, RunningSum
 from rim.methods import METHODS, make_method
@@ -25,10 +26,11 @@ EXAMPLE = Example("3 7 2 9", ("3", "0", "2", "1"), "1")
 SFT = StageConfig(name="sft", kind="sft", steps=1)
 
 
-def setup(name: str, family: str = "llama", **cfg):
-    """(model, tokenizer, method) on a tiny random model with the method's tokens added."""
+def setup(name: str, family: str = "llama", attn: str = "sdpa", **cfg):
+    """(model, tokenizer, method) on a tiny random model (attention backend ``attn``) with the method's tokens
+    added."""
     tok = word_tokenizer(WORDS)
-    model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, seed=0)
+    model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, attn_implementation=attn, seed=0)
     add_tokens(tok, model, METHODS[name].special_tokens)
     return model.eval(), tok, make_method(MethodConfig(name=name, **cfg), tok)
 
@@ -230,22 +232,87 @@ def test_stage_kinds_are_checked_per_method():
         load_config(None, ["method.name=codi"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rim_reads_all_blocks_in_one_pass_per_token_like_k_decodes(family):
-    from rim.methods.base import Method
-
-    model, tok, method = setup("rim", family, memory_tokens=1)
-    with torch.random.fork_rng(), torch.no_grad():  # larger random weights: outputs that depend on the input
+def spread(model):
+    """Larger random weights: greedy outputs that depend on the input (not one token repeated)."""
+    with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
         for p in model.parameters():
             p.normal_(0, 0.3)
+    return model
+
+
+def varied_stop(readouts: list[list[list[int]]]) -> int:
+    """A generated token that, as the stop token, ends the readouts at different steps."""
+    flat = [r for rs in readouts for r in rs]
+
+    def ends(t):
+        return {r.index(t) if t in r else len(r) for r in flat}
+    return next(t for r in flat for t in r if len(ends(t)) > 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rim_reads_all_blocks_from_one_cached_prefill_like_k_decodes(family):
+    from rim.methods.base import Method
+
+    model, tok, method = setup("rim", family, memory_tokens=1)
+    spread(model)
     exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
     free = method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 6, batch_size=2)  # -1: no stop token
     assert free == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, -1, 6, batch_size=2)
     assert len({tuple(map(tuple, r)) for r in free}) > 1  # not a degenerate all-equal output
     # a generated token as the stop token, chosen so that readouts end at different steps, each on its own
-    lengths = {t: {r.index(t) if t in r else len(r) for rs in free for r in rs} for rs in free for r in rs for t in r}
-    stop = next(t for t, ends in lengths.items() if len(ends) > 1)
+    stop = varied_stop(free)
     together = method.block_readouts(model, exs, 4, tok.pad_token_id, stop, 6, batch_size=2)
     assert together == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, stop, 6, batch_size=2)
     assert len({len(r) for rs in together for r in rs}) > 1
+
+
+@torch.no_grad()
+def masked_decodes(method, model, questions: list[list[int]], blocks: int, eos_id: int,
+                   max_new_tokens: int) -> list[list[list[int]]]:
+    """The definition of the readouts: readout k of each question alone, greedy, every token from a full pass over
+    ``x m_1 .. m_k r_k`` under the RiM mask and position ids (the method's ``readout_sees_question``); no cache,
+    no padding, no other readout in the sequence."""
+    out = []
+    for q in questions:
+        out.append([])
+        for k in range(1, blocks + 1):
+            readout: list[int] = []
+            while len(readout) < max_new_tokens:
+                layout = build_layout(q, [method.block] * k, [Readout([])] * (k - 1) + [Readout(readout)], eos_id)
+                token = int(method.forward(model, collate([layout], 0))[0, -1].argmax())
+                if token == eos_id:
+                    break
+                readout.append(token)
+            out[-1].append(readout)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sees_question", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rim_cached_block_readouts_follow_the_mask_and_positions(family, sees_question, attn):
+    """Questions of different lengths in one padded batch, more examples than ``batch_size``, readouts that stop
+    at their own EOS: every readout equals the definition and K decodes (dynamic and static cache)."""
+    from rim.methods.base import Method
+
+    model, tok, method = setup("rim", family, attn, memory_tokens=2, readout_sees_question=sees_question)
+    spread(model)
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7", "8 8")]
+    questions, pad = [ex.question for ex in exs], tok.pad_token_id
+    free = method.block_readouts(model, exs, 4, pad, -1, 5, batch_size=3)
+    assert free == masked_decodes(method, model, questions, 4, -1, 5)
+    assert all(len(r) == 5 for rs in free for r in rs)
+    assert len({tuple(rs[0]) for rs in free}) > 1 and any(len({tuple(r) for r in rs}) > 1 for rs in free)
+    _, _, other = setup("rim", family, attn, memory_tokens=2, readout_sees_question=not sees_question)
+    assert other.block_readouts(model, exs, 4, pad, -1, 5, batch_size=3) != free  # the flag matters here
+    stop = varied_stop(free)
+    stopped = method.block_readouts(model, exs, 4, pad, stop, 5, batch_size=3)
+    assert stopped == masked_decodes(method, model, questions, 4, stop, 5)
+    assert len({len(r) for rs in stopped for r in rs}) > 1
+    # K decodes through RiM.generate, which hides the question from the answer when training did
+    assert stopped == Method.block_readouts(method, model, exs, 4, pad, stop, 5, batch_size=3)
+    prompts = [method.prompt(ex, 3) for ex in exs]
+    assert method.generate(model, prompts, pad, stop, 5, cache="static").tokens == [rs[2] for rs in stopped]
+    assert method.block_readouts(model, exs, 4, pad, stop, 1, batch_size=3) == [[r[:1] for r in rs] for rs in stopped]
+    assert method.block_readouts(model, exs, 4, pad, stop, 0, batch_size=3) == [[[]] * 4] * 4

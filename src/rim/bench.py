@@ -6,7 +6,7 @@ against a plain causal step. Every comparison is a ratio of two numbers measured
     rim bench latency --static-cache --compile              # + static KV cache, compiled decoding steps
 
 Everything runs through the real code paths: prompts from ``Method.prompt``, decoding through ``Method.generate``,
-the answers after every block through ``Method.block_readouts`` (RiM's one pass and the base K decodes), RiM's
+the answers after every block through ``Method.block_readouts`` (RiM's together and the base K decodes), RiM's
 training step through ``Method.forward`` and ``step_loss``. Each measurement: warm-up runs, then repeats,
 each between two device synchronisations; medians. On a GPU, training runs under bf16 autocast (as ``rim train``)
 and inference in bf16 weights; on a CPU both in fp32. Writes ``bench-<shape>-<suite>.json`` (numbers, ratios,
@@ -222,8 +222,9 @@ def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s
 
 
 def bench_readouts(model, tokenizer, s: BenchSettings, device: torch.device) -> dict:
-    """RiM's answers after every block k = 1..K (any-block accuracy), per batch size (medians): its one masked pass
-    per generated token (``RiM.block_readouts``) against K decodes of ``question + k blocks`` (``Method``'s)."""
+    """RiM's answers after every block k = 1..K (any-block accuracy), per batch size (medians): all K together
+    (``RiM.block_readouts``: one prefill, the K answers side by side in one KV cache) against K decodes of
+    ``question + k blocks`` (``Method``'s). The row keeps its name ``one_pass`` (one prefill)."""
     method = make_method(method_config("rim", s), tokenizer)
     paths = {"one_pass": method.block_readouts, "k_decodes": partial(Method.block_readouts, method)}
     out = {}
@@ -488,7 +489,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     if results.get("readouts"):
         lines += [f"RiM's answers after every block k = 1..{results['settings']['blocks']} (medians):", "",
-                  "| batch | one masked pass per token ms | K decodes ms |", "|---|---|---|"]
+                  "| batch | all K together ms | K decodes ms |", "|---|---|---|"]
         lines += [f"| {key[1:]} | {_fmt(r['one_pass_ms'])} | {_fmt(r['k_decodes_ms'])} |"
                   for key, r in results["readouts"].items()]
         lines.append("")

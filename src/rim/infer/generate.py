@@ -104,7 +104,8 @@ def decoding_forward(model: nn.Module, compile: bool | str):
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                     use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None,
-                    cache: str = "dynamic", compile: bool | str = False) -> Generation:
+                    cache: str = "dynamic", compile: bool | str = False, hidden: list[int] | None = None
+                    ) -> Generation:
     """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch.
 
     ``latents`` > 0 (continuous thoughts, e.g. Coconut): after the prompt, that many positions take the previous
@@ -112,11 +113,15 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     does decoding start (the time to the first token includes the thoughts). ``cache``: ``dynamic`` (grows each
     step) or ``static`` (preallocated for prompt + latent passes + ``max_new_tokens``); ``compile``: run the
     decoding steps through ``torch.compile`` (a mode name, or True for the device's default), static cache only.
+    ``hidden``: per prompt, how many of its first tokens the generated tokens must not see (the prompt's own tokens
+    still do; RiM's ``readout_sees_question: false``); needs the cache.
     """
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
     if cache == "static" and not use_cache:
         raise ValueError("cache='static' needs use_cache=True")
+    if hidden is not None and not use_cache:
+        raise ValueError("hidden prompt tokens need use_cache=True (without a cache the prompt is fed again)")
     if compile and cache != "static":
         raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step: it would recompile)")
     device = next(model.parameters()).device
@@ -137,6 +142,12 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         past = static_cache(model, batch, width)
     mask = torch.cat([mask, mask.new_ones(batch, width - length)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_mask = mask
+    if hidden is not None:  # left padding: prompt i starts at column length - len(prompts[i])
+        column = torch.arange(width, device=device)
+        first = torch.tensor([length - len(p) for p in prompts], device=device)[:, None]
+        seen_later = (column < first) | (column >= first + torch.tensor(hidden, device=device)[:, None])
+        mask = mask * seen_later  # what everything after the prompt attends to
     decode = decoding_forward(model, compile)
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -146,7 +157,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         inputs = pending if use_cache or fed is None else torch.cat([fed, pending], dim=1)
         end = seen + pending.shape[1]
         forward = decode if fed is not None and not plan else model  # prefill and thoughts stay uncompiled
-        out = forward(attention_mask=mask if cache == "static" else mask[:, :end],
+        step_mask = prompt_mask if fed is None else mask
+        out = forward(attention_mask=step_mask if cache == "static" else step_mask[:, :end],
                       position_ids=positions[:, end - inputs.shape[1]:end], use_cache=use_cache,
                       output_hidden_states=bool(plan) and plan[0] == "latent", **{key: inputs, cache_arg: past})
         fed, seen = inputs, end

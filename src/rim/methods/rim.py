@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from rim.core.batch import collate
-from rim.core.layout import (Readout, build_layout, grounding_readouts, inference_prompt, memory_block,
-                             refinement_readouts)
+from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
+                             memory_block, refinement_readouts)
+from rim.core.mask import attention_mask
+from rim.infer.generate import cache_argument, greedy_generate
 from rim.methods.base import Method, register
-from rim.models.adapter import MEMORY_TOKENS, masked_forward
+from rim.models.adapter import MEMORY_TOKENS, check_kept, logits_at, model_mask
 
 
 @register
@@ -36,38 +38,75 @@ class RiM(Method):
     def prompt(self, ex, blocks):
         return inference_prompt(ex.question, self.block, blocks)
 
-    @torch.no_grad()
-    def block_readouts(self, model, examples, blocks, pad_id, eos_id, max_new_tokens, batch_size):
-        """The greedy readout after every block k = 1..K, all K decoded together: one pass per generated token
-        over ``question, m_1, r_1, ..., m_K, r_K`` under the RiM mask, instead of K separate decodes.
+    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True, cache=None, compile=None):
+        """Greedy answers after ``question + K blocks``. With ``readout_sees_question: false`` the answer tokens do
+        not see the question, as in training (the blocks still do, and so does the last block token, which
+        predicts the first answer token)."""
+        if self.cfg.readout_sees_question:
+            return super().generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, cache, compile)
+        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache,
+                               hidden=[self.question_length(p) for p in prompts], **self.decoding(cache, compile))
 
-        Readout k at its last token sees exactly what inference with K = k sees (the mask and position ids of
-        training), so the tokens are those of K separate greedy decodes.
-        """
-        device = next(model.parameters()).device
+    def question_length(self, prompt: list[int]) -> int:
+        """The question's length in a prompt ``question + K blocks`` (K >= 0): what precedes the trailing blocks."""
+        n, size = len(prompt), len(self.block)
+        while n > size and prompt[n - size:n] == self.block:
+            n -= size
+        return n
+
+    def block_readouts(self, model, examples, blocks, pad_id, eos_id, max_new_tokens, batch_size):
+        """The greedy readout after every block k = 1..K, all K decoded together from one prefill of the prompt
+        with K blocks (``decode_blocks``) instead of K separate decodes."""
         out: list[list[list[int]]] = []
         for lo in range(0, len(examples), batch_size):
             questions = [ex.question for ex in examples[lo:lo + batch_size]]
-            readouts = [[[] for _ in range(blocks)] for _ in questions]
-            done = torch.zeros(len(questions), blocks, dtype=torch.bool)
-            for _ in range(max_new_tokens):
-                layouts = [build_layout(q, [self.block] * blocks, [Readout(r) for r in rs], eos_id)
-                           for q, rs in zip(questions, readouts)]
-                batch = {k: v.to(device) for k, v in collate(layouts, pad_id).items()}
-                logits = masked_forward(model, batch, self.cfg.readout_sees_question)
-                # the last token of block k and its readout so far predicts readout k's next token
-                anchors = torch.tensor([[max(i for i, k in enumerate(x.index) if k == j) for j in range(1, blocks + 1)]
-                                        for x in layouts], device=device)
-                tokens = logits.gather(1, anchors[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1).cpu()
-                for i, row in enumerate(tokens.tolist()):
-                    for j, token in enumerate(row):
-                        if done[i, j]:
-                            continue
-                        if token == eos_id:
-                            done[i, j] = True
-                        else:
-                            readouts[i][j].append(token)
-                if bool(done.all()):
-                    break
-            out += readouts
+            out += self.decode_blocks(model, questions, blocks, pad_id, eos_id, max_new_tokens)
         return out
+
+    @torch.no_grad()
+    def decode_blocks(self, model, questions: list[list[int]], blocks: int, pad_id: int, eos_id: int,
+                      max_new_tokens: int) -> list[list[list[int]]]:
+        """``out[i][k-1]``: the greedy readout of question i after block k, k = 1..K, from one KV-cached batch.
+
+        Under the RiM mask the prefix ``question, m_1 .. m_K`` is plain causal with position ids 0..n-1, and no block
+        sees a later one: one prefill serves every k, and the logits at the last token of block k give the first
+        token of readout k. Each decoding step then appends the next token of all K readouts side by side to the
+        same cache, readout k's at the position it has after a prompt of k blocks and seeing what readout k sees
+        in training (``rim.core.mask``): the question (with ``readout_sees_question``), blocks 1..k and its own
+        tokens. With ``readout_sees_question`` (the default) these are the tokens of K separate greedy decodes.
+        """
+        if max_new_tokens <= 0:
+            return [[[] for _ in range(blocks)] for _ in questions]
+        device = next(model.parameters()).device
+        # the training layout with empty readouts is the prefix, right-padded: segments, indices and positions
+        batch = collate([build_layout(q, [self.block] * blocks, [Readout([])] * blocks, eos_id) for q in questions],
+                        pad_id)
+        segment, index = batch["segment"], batch["index"]
+        n, length = segment.shape
+        ends = torch.tensor([[len(q) + k * len(self.block) for k in range(1, blocks + 1)] for q in questions])
+        anchors = (torch.arange(n)[:, None] * length + ends - 1).flatten()  # flat (i, last token of block k)
+        # readout k sees, of the prefix, blocks 1..k and the question if allowed (never padding); of the K tokens
+        # each step appends, only its own
+        sees = (segment[:, None] == BLOCK) & (index[:, None] <= torch.arange(1, blocks + 1)[:, None])  # (n, K, L)
+        if self.cfg.readout_sees_question:
+            sees |= (segment == QUESTION)[:, None]
+        own = torch.eye(blocks, dtype=torch.bool).repeat(1, max_new_tokens - 1).expand(n, -1, -1)
+        step_mask = model_mask(torch.cat([sees, own], dim=2).to(device), model)  # (n, 1, K, L + K (T - 1))
+        cache_arg, keep = cache_argument(model), anchors.to(device)
+        with logits_at(model, keep):
+            out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                        attention_mask=model_mask(attention_mask(segment, index).to(device), model), use_cache=True)
+        logits, past = check_kept(out.logits, keep).view(n, blocks, -1), out[cache_arg]
+        starts = ends.to(device)  # (n, K): the position of each readout's first token
+        tokens = torch.full((n, blocks, max_new_tokens), eos_id, device=device)
+        done = torch.zeros(n, blocks, dtype=torch.bool, device=device)
+        for j in range(max_new_tokens):
+            token = logits.argmax(-1).masked_fill(done, eos_id)  # a finished readout's tokens are discarded
+            tokens[..., j] = token
+            done |= token == eos_id
+            if j == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: the price of stopping early
+                break
+            out = model(input_ids=token, position_ids=starts + j, use_cache=True, **{cache_arg: past},
+                        attention_mask=step_mask[..., :length + blocks * (j + 1)])
+            logits, past = out.logits, out[cache_arg]
+        return [[r[:r.index(eos_id)] if eos_id in r else r for r in rows] for rows in tokens.tolist()]
