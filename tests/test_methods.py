@@ -316,3 +316,11 @@ def test_rim_cached_block_readouts_follow_the_mask_and_positions(family, sees_qu
     assert method.generate(model, prompts, pad, stop, 5, cache="static").tokens == [rs[2] for rs in stopped]
     assert method.block_readouts(model, exs, 4, pad, stop, 1, batch_size=3) == [[r[:1] for r in rs] for rs in stopped]
     assert method.block_readouts(model, exs, 4, pad, stop, 0, batch_size=3) == [[[]] * 4] * 4
+
+
+def test_only_prompt_plus_plain_decoding_counts_as_plain():
+    """What ``rim export`` may write as a stock checkpoint: not Coconut, not RiM whose answer must not see the
+    question."""
+    assert all(setup(name)[2].plain_decoding() is None for name in ("nocot", "cot", "pause", "icot", "rim"))
+    assert "readout_sees_question" in setup("rim", readout_sees_question=False)[2].plain_decoding()
+    assert "hidden states" in setup("coconut")[2].plain_decoding()

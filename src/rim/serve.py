@@ -127,10 +127,10 @@ def prompt_suffix(served: Served) -> list[int]:
     """Token ids the method appends to the question (RiM: K blocks; pause: the pauses; CoT-style: none), or an
     error for a method whose inference is more than a prompt."""
     method = served.method
-    if type(method).generate is not Method.generate:
+    why = method.plain_decoding()
+    if why is not None:
         raise ConfigError(f"method {method.name!r} cannot be exported as a plain checkpoint: its inference is not a "
-                          "prompt suffix (Coconut feeds hidden states back as input embeddings, which a stock engine "
-                          "does not do); serve it with `rim answer`")
+                          f"prompt suffix ({why}); serve it with `rim answer`")
     ex = question_example(served, "")
     prompt = method.prompt(ex, served.blocks)
     if prompt[:len(ex.question)] != ex.question:

@@ -108,6 +108,11 @@ class Method:
         only to dynamic methods."""
         raise NotImplementedError
 
+    def plain_decoding(self) -> str | None:
+        """None when inference is ``prompt`` + plain causal greedy decoding, so that any causal LM engine given the
+        prompt answers alike (what ``rim export`` needs); else why not."""
+        return None if type(self).generate is Method.generate else f"{self.name} decodes in its own way"
+
     def prompt(self, ex: TokenizedExample, blocks: int) -> list[int]:
         """Inference prompt; ``blocks`` (K) matters only to methods with memory blocks."""
         return list(ex.question)

@@ -105,6 +105,9 @@ class Coconut(Method):
         block = [self.token[BOT]] + [self.token[THOUGHT]] * self.n_latent(k) + [self.token[EOT]]
         return build_layout(ex.question, [block], [Readout(ex.extra[f"rest{k}"])], self.eos_id)
 
+    def plain_decoding(self):
+        return "Coconut feeds hidden states back as input embeddings, which a stock engine does not do"
+
     def prompt(self, ex, blocks):
         return ex.question + [self.token[BOT]]
 

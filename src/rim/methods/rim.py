@@ -47,6 +47,11 @@ class RiM(Method):
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache,
                                hidden=[self.question_length(p) for p in prompts], **self.decoding(cache, compile))
 
+    def plain_decoding(self):
+        return None if self.cfg.readout_sees_question else ("its answer must not see the question "
+                                                            "(readout_sees_question: false), which a causal mask "
+                                                            "cannot express")
+
     def question_length(self, prompt: list[int]) -> int:
         """The question's length in a prompt ``question + K blocks`` (K >= 0): what precedes the trailing blocks."""
         n, size = len(prompt), len(self.block)
