@@ -75,3 +75,23 @@ def test_compile_train_takes_modes_or_backends():
     assert compile_train_modes("default, reduce-overhead,eager") == ("default", "reduce-overhead", "eager")
     with pytest.raises(ConfigError, match="--compile-train: 'fast' is neither"):
         compile_train_modes("default,fast")
+
+
+def test_a_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Written after every training row: a part that fails (or a timeout) loses only what was not measured."""
+    import rim.bench as bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
+    monkeypatch.setattr(bench, "bench_masked_pass", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_bench("train", "tiny", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1,
+                                                                  warmup=0))
+    results = json.loads((tmp_path / "bench-tiny-train.json").read_text())
+    for stage in ("grounding", "refinement"):
+        assert {"plain", "rim_full", "rim_supervised", "rim_fused"} <= set(results["train"][stage])
+    assert {"train_stage2_rim_over_plain", "train_stage2_fastest_over_plain"} <= set(results["ratios"])
+    assert "masked_over_separate" not in results["ratios"] and "masked_vs_separate" not in results["train"]
+    assert "| refinement | rim_fused |" in (tmp_path / "bench-tiny-train.md").read_text()

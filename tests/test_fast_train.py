@@ -300,8 +300,9 @@ def test_compile_blocks_passes_the_mode_or_backend(monkeypatch):
     not torch.cuda.is_available(), reason="needs a GPU (bench/run_gpu.sh runs it there)"))])
 def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkeypatch, device):
     """``train.compile=reduce-overhead`` with padded batches (real inductor; on a CPU without the CUDA graphs
-    themselves): the same losses as eager training (fp32), a new graph step marked before every batch, and
-    selection decoding run eagerly (it would otherwise record graphs for every length it meets)."""
+    themselves), accumulating two micro-batches per step (into gradient buffers that outlive the graphs' replays):
+    the same losses as eager training (fp32), a new graph step marked before every micro-batch, and selection
+    decoding run eagerly (it would otherwise record graphs for every length it meets)."""
     from rim.train import loop
 
     marks, stances = [], []
@@ -312,8 +313,8 @@ def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(t
     base = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2",
             "data.options={n_train: 32, n_valid: 4}", "eval.select_split=valid", "eval.every=2",
             "stages=[{name: g, kind: grounding, steps: 3}, {name: r, kind: refinement, steps: 2}]",
-            "train.batch_size=8", "train.progress=false", "train.log_every=1", f"train.device={device}",
-            "train.precision='no'"]
+            "train.batch_size=8", "train.grad_accum=2", "train.progress=false", "train.log_every=1",
+            f"train.device={device}", "train.precision='no'"]
 
     def losses(*extra: str) -> list[float]:
         run = loop.train(load_config(None, [*base, *extra, f"output_dir={tmp_path / str(len(extra))}"]))
@@ -324,7 +325,7 @@ def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(t
     assert not marks and not stances
     compiled = losses("train.compile=reduce-overhead", "train.pad_to_multiple=8")
     assert compiled == pytest.approx(eager, rel=1e-5) and len(eager) == 5
-    assert len(marks) == 5 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
+    assert len(marks) == 10 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

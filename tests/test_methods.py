@@ -324,3 +324,23 @@ def test_only_prompt_plus_plain_decoding_counts_as_plain():
     assert all(setup(name)[2].plain_decoding() is None for name in ("nocot", "cot", "pause", "icot", "rim"))
     assert "readout_sees_question" in setup("rim", readout_sees_question=False)[2].plain_decoding()
     assert "hidden states" in setup("coconut")[2].plain_decoding()
+
+
+def test_rim_cached_block_readouts_past_a_sliding_window():
+    """A model with sliding-window layers whose cache would keep only the window: the all-block readouts still
+    follow the RiM mask over the whole sequence (as training does), and do not fail on the mask's width."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = word_tokenizer(WORDS)
+    config = AutoConfig.for_model("mistral", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                  sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    add_tokens(tok, model, METHODS["rim"].special_tokens)
+    method = make_method(MethodConfig(name="rim", memory_tokens=2), tok)
+    spread(model.eval())
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
+    readouts = method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3)
+    assert readouts == masked_decodes(method, model, [ex.question for ex in exs], 4, -1, 4)

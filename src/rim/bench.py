@@ -245,10 +245,12 @@ def plain_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=real.long(), labels=labels, use_cache=False).loss
 
 
-def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: torch.device, mode: str) -> dict:
+def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: torch.device, mode: str,
+                out: dict | None = None, save: Callable[[], None] = lambda: None) -> dict:
     """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full logits, supervised logits,
     fused loss) on each stage's batch; then one masked pass over K readouts against K separate passes (forward
-    only); last, for each mode of ``s.compile_train``, RiM's step (supervised logits) through compiled blocks."""
+    only); last, for each mode of ``s.compile_train``, RiM's step (supervised logits) through compiled blocks.
+    Fills ``out`` row by row and calls ``save`` after each row: a run cut short keeps what it measured."""
     n_params = sum(p.numel() for p in model.parameters())
     model = make_trainable(model, new_ids, mode, lora_rank=128)
     set_dropout(model, 0.0)
@@ -259,7 +261,8 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
                 else contextlib.nullcontext())
     method = make_method(method_config("rim", s), tokenizer)
     examples = synthetic_examples(s.train_batch, tokenizer, s, s.seed + 1)
-    out: dict = {"train_mode": mode, "trainable_parameters": sum(p.numel() for p in params), "parameters": n_params}
+    out = {} if out is None else out
+    out.update(train_mode=mode, trainable_parameters=sum(p.numel() for p in params), parameters=n_params)
     stages = (StageConfig(name="grounding", kind="grounding", steps=1, block_weight="uniform"),
               StageConfig(name="refinement", kind="refinement", steps=1))
     batches = [{k: v.to(device) for k, v in method.collate([method.train_layout(ex, stage) for ex in examples],
@@ -274,12 +277,14 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
 
     for stage, batch in zip(stages, batches):
         tokens = batch["input_ids"].numel()
-        out[stage.name] = {"tokens": tokens, "supervised_tokens": batch["supervised"].numel(),
-                           **{name: measure(loss_fn, tokens)
-                              for name, loss_fn in step_losses(model, method, batch, stage).items()}}
+        out[stage.name] = {"tokens": tokens, "supervised_tokens": batch["supervised"].numel()}
+        for name, loss_fn in step_losses(model, method, batch, stage).items():
+            out[stage.name][name] = measure(loss_fn, tokens)
+            save()
     model.eval()
     with torch.no_grad(), autocast:
         out["masked_vs_separate"] = bench_masked_pass(model, method, examples, s, device)
+    save()
     model.train()
     for how in s.compile_train:  # last: compiling changes the model in place (the warm-up runs compile)
         torch._dynamo.reset()  # nothing compiled in an earlier mode is reused
@@ -288,6 +293,7 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
         for stage, batch in zip(stages, batches):
             out[stage.name][row] = measure(step_losses(model, method, batch, stage)["rim_supervised"],
                                            out[stage.name]["tokens"], how in CUDA_GRAPH_MODES)
+            save()
     return out
 
 
@@ -372,18 +378,23 @@ def ratios(results: dict) -> dict[str, float]:
                                                                                  / value[f"nocot_{variant}"])
     for key, row in results.get("readouts", {}).items():
         out[f"readouts_k_decodes_over_one_pass_{key}"] = row["k_decodes_ms"] / row["one_pass_ms"]
-    train = results.get("train")
-    if train:
-        for i, stage in enumerate(("grounding", "refinement"), start=1):
-            speed = {name: row["tokens_per_s"] for name, row in train[stage].items() if isinstance(row, dict)}
-            out[f"train_stage{i}_rim_over_plain"] = speed["rim_supervised"] / speed["plain"]
-            out[f"train_stage{i}_supervised_over_full"] = speed["rim_supervised"] / speed["rim_full"]
-            for name in speed:
-                if name.startswith("rim_") and name != "rim_supervised":
-                    out[f"train_stage{i}_{name[4:]}_over_plain"] = speed[name] / speed["plain"]
-            out[f"train_stage{i}_fastest_over_plain"] = max(v for k, v in speed.items() if k.startswith("rim_")) \
-                / speed["plain"]  # the target: RiM's step as fast as its options make it
-        passes = train["masked_vs_separate"]
+    train = results.get("train") or {}  # rows measured so far (a run cut short has fewer)
+    for i, stage in enumerate(("grounding", "refinement"), start=1):
+        speed = {name: row["tokens_per_s"] for name, row in train.get(stage, {}).items() if isinstance(row, dict)}
+        rim = {name: value for name, value in speed.items() if name.startswith("rim_")}
+        if "plain" not in speed or not rim:
+            continue
+        if "rim_supervised" in rim:
+            out[f"train_stage{i}_rim_over_plain"] = rim["rim_supervised"] / speed["plain"]
+            if "rim_full" in rim:
+                out[f"train_stage{i}_supervised_over_full"] = rim["rim_supervised"] / rim["rim_full"]
+        for name, value in rim.items():
+            if name != "rim_supervised":
+                out[f"train_stage{i}_{name[4:]}_over_plain"] = value / speed["plain"]
+        # the target: RiM's step as fast as its options make it
+        out[f"train_stage{i}_fastest_over_plain"] = max(rim.values()) / speed["plain"]
+    passes = train.get("masked_vs_separate")
+    if passes:
         out["masked_over_separate"] = passes["separate_ms"] / passes["one_masked_ms"]
         # where the passes are compute-bound, the ratio cannot exceed the ratio of the tokens they process
         out["masked_over_separate_tokens"] = passes["separate_tokens"] / passes["masked_tokens"]
@@ -464,8 +475,8 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
         save()
     if suite in ("train", "all"):
         new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
-        results["train"] = bench_train(model, tokenizer, new_ids, s, dev, mode)
-        save()
+        results["train"] = {}
+        bench_train(model, tokenizer, new_ids, s, dev, mode, results["train"], save)
     return results
 
 
@@ -500,17 +511,18 @@ def markdown(results: dict) -> str:
                   "| stage | step | tokens (supervised) | step ms | tokens/s | peak MiB | MFU |",
                   "|---|---|---|---|---|---|---|"]
         for stage in ("grounding", "refinement"):
-            rows = train[stage]
+            rows = train.get(stage, {})
             for name, r in rows.items():
                 if not isinstance(r, dict):
                     continue
                 lines.append(f"| {stage} | {name} | {rows['tokens']} ({rows['supervised_tokens']}) | "
                              f"{_fmt(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {_fmt(r['peak_memory_mb'], 0)} | "
                              f"{_fmt(r['mfu'], 3)} |")
-        p = train["masked_vs_separate"]
-        lines += ["", f"All K readouts, forward only: one masked pass ({p['masked_tokens']} tokens) "
-                      f"{_fmt(p['one_masked_ms'])} ms; K separate passes ({p['separate_tokens']} tokens) "
-                      f"{_fmt(p['separate_ms'])} ms.", ""]
+        p = train.get("masked_vs_separate")
+        if p is not None:
+            lines += ["", f"All K readouts, forward only: one masked pass ({p['masked_tokens']} tokens) "
+                          f"{_fmt(p['one_masked_ms'])} ms; K separate passes ({p['separate_tokens']} tokens) "
+                          f"{_fmt(p['separate_ms'])} ms.", ""]
     lines += ["| ratio | value |", "|---|---|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in results["ratios"].items()]
     if results["targets"]:

@@ -354,8 +354,8 @@ def validate(cfg: Config) -> None:
         (train_compile_want is None, "train.compile", train_compile_want),
         (cfg.train.pad_to_multiple is None or cfg.train.pad_to_multiple >= 1, "train.pad_to_multiple", ">= 1"),
         (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
-         f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape; 8 to 64 "
-         "keeps both the padding and the number of shapes small)"),
+         f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape, length "
+         "and batch size; a multiple of 8 to 64 keeps the padding and the number of lengths small)"),
         (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.method.name != "coconut", "train.compile",
          "not a CUDA-graph mode for coconut (its latent passes change the sequence length pass by pass)"),
         (cfg.train.compile not in CUDA_GRAPH_MODES or not (cfg.train.fsdp or cfg.train.gradient_checkpointing),

@@ -23,7 +23,7 @@ from torch import nn
 
 CACHES = ("dynamic", "static")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs (on a GPU)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # record CUDA graphs (on a GPU)
 STATIC_CHUNK = 64  # static caches are sized in multiples of this, so batches of similar length share one
 
 
@@ -113,8 +113,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     does decoding start (the time to the first token includes the thoughts). ``cache``: ``dynamic`` (grows each
     step) or ``static`` (preallocated for prompt + latent passes + ``max_new_tokens``); ``compile``: run the
     decoding steps through ``torch.compile`` (a mode name, or True for the device's default), static cache only.
-    ``hidden``: per prompt, how many of its first tokens the generated tokens must not see (the prompt's own tokens
-    still do; RiM's ``readout_sees_question: false``); needs the cache.
+    ``hidden``: per prompt, how many of its first tokens the generated tokens (and any latent passes) must not see;
+    the prompt's own tokens still do (RiM's ``readout_sees_question: false``); needs the cache.
     """
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")

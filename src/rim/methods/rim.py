@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from rim.core.batch import collate
 from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
@@ -98,9 +99,11 @@ class RiM(Method):
         own = torch.eye(blocks, dtype=torch.bool).repeat(1, max_new_tokens - 1).expand(n, -1, -1)
         step_mask = model_mask(torch.cat([sees, own], dim=2).to(device), model)  # (n, 1, K, L + K (T - 1))
         cache_arg, keep = cache_argument(model), anchors.to(device)
+        # a cache of full layers: the 4-D masks span every column, which a sliding-window layer's cache would drop
         with logits_at(model, keep):
             out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                        attention_mask=model_mask(attention_mask(segment, index).to(device), model), use_cache=True)
+                        attention_mask=model_mask(attention_mask(segment, index).to(device), model), use_cache=True,
+                        **{cache_arg: DynamicCache()})
         logits, past = check_kept(out.logits, keep).view(n, blocks, -1), out[cache_arg]
         starts = ends.to(device)  # (n, K): the position of each readout's first token
         tokens = torch.full((n, blocks, max_new_tokens), eos_id, device=device)

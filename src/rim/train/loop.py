@@ -276,6 +276,10 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self.group is not None:  # one per training run: several runs in one process (rim compare) add none
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self.group)
 
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
@@ -319,6 +323,13 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
         restore_rng(resumed["rng"])
     set_dropout(model, stage.dropout)
     model.train()
+    # under CUDA graphs a .grad that the backward creates is a graph output, overwritten by the next micro-batch's
+    # replay (pytorch#169545): accumulate into buffers allocated here, zeroed in place
+    stable_grads = graphs and accumulate > 1
+    if stable_grads:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     bar = tqdm(total=total, initial=pos.stage_step, desc=f"{stage.name}",
                disable=not (cfg.train.progress and accelerator.is_main_process))
     step, skip, n_loss, tokens = pos.stage_step, pos.batch, 0, 0
@@ -344,7 +355,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not stable_grads)
             bad |= ~torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             n_loss += 1
