@@ -328,6 +328,16 @@ def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(t
     assert len(marks) == 10 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_adamw_is_fused_on_a_gpu_unless_sharded(device):
+    from rim.train.loop import adamw
+
+    params = [torch.nn.Parameter(torch.zeros(3, device=device))]
+    assert bool(adamw(params, 1e-3).defaults["fused"]) == (device == "cuda")
+    assert not adamw(params, 1e-3, sharded=True).defaults["fused"]
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_compile_blocks_compiles_each_transformer_block(monkeypatch, mode):
     compiled = []

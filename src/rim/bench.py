@@ -39,7 +39,7 @@ from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import METHODS, Method, TokenizedExample, make_method
 from rim.models.adapter import add_tokens, compile_blocks, logits_at, make_trainable, masked_forward, set_dropout
 from rim.models.tiny import SPECIAL, word_tokenizer
-from rim.train.loop import stage_weights, step_loss
+from rim.train.loop import adamw, stage_weights, step_loss
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
     set_dropout(model, 0.0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    optimizer = adamw(params, lr=1e-6)  # what rim train uses (fused on a GPU, as HF's Trainer): both steps alike
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     method = make_method(method_config("rim", s), tokenizer)

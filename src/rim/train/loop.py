@@ -118,6 +118,15 @@ def stage_length(stage: StageConfig, batches_per_epoch: int, grad_accum: int) ->
     return max(1, math.ceil(stage.epochs * math.ceil(batches_per_epoch / grad_accum)))
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, sharded: bool = False
+          ) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on a GPU (as Hugging Face's Trainer defaults to since torch 2.8; the
+    multi-tensor version makes several passes over the weights and moments); torch's choice elsewhere and for
+    sharded (FSDP) weights."""
+    fused = bool(params) and not sharded and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.optim.Optimizer:
     """A new AdamW over the trainable parameters; the old one's state (2x the trainable weights) is freed."""
     if old is not None:
@@ -125,7 +134,7 @@ def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.o
         if old in accelerator._optimizers:  # accelerate keeps every prepared optimizer alive otherwise
             accelerator._optimizers.remove(old)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = adamw(params, stage.lr, stage.weight_decay, sharded=is_sharded(model))
     optimizer.param_groups[0]["initial_lr"] = stage.lr  # what the scheduler adds; a saved state holds it too
     return accelerator.prepare(optimizer)
 
