@@ -194,12 +194,19 @@ def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
                              compile_train=("default", "reduce-overhead"))
     results = run_bench("train", "tiny", "cpu", tmp_path, settings)
     assert compiled == [("LlamaDecoderLayer", {})] * 2 + [("LlamaDecoderLayer", {"mode": "reduce-overhead"})] * 2
-    assert len(marks) == 2 * 3  # every timed and warm-up step of the CUDA-graph row, in both stages
-    rows = {"plain", "rim_full", "rim_supervised", "rim_fused", "rim_compiled", "rim_compiled_reduce_overhead"}
+    assert len(marks) == 2 * 2 * 3  # every step (1 warm-up, 2 timed) of the two CUDA-graph rows, in both stages
+    rows = {"plain", "rim_full", "rim_supervised", "rim_fused", "rim_compiled", "rim_compiled_reduce_overhead",
+            "plain_compiled", "plain_compiled_reduce_overhead"}
     for i, stage in enumerate(("grounding", "refinement"), start=1):
         assert rows <= set(results["train"][stage])
         assert {f"train_stage{i}_{row}_over_plain" for row in ("fused", "compiled", "compiled_reduce_overhead")} \
             <= set(results["ratios"])
+        assert {f"train_stage{i}_compiled_over_plain_compiled",
+                f"train_stage{i}_compiled_reduce_overhead_over_plain_compiled_reduce_overhead"} \
+            <= set(results["ratios"])
+        speed = {row: results["train"][stage][row]["tokens_per_s"] for row in rows}
+        assert results["ratios"][f"train_stage{i}_fastest_over_plain"] == max(  # eager plain, as the target says
+            v for k, v in speed.items() if k.startswith("rim_")) / speed["plain"]
     passes = results["train"]["masked_vs_separate"]
     assert results["ratios"]["masked_over_separate_tokens"] == passes["separate_tokens"] / passes["masked_tokens"] > 1
     assert "| refinement | rim_compiled_reduce_overhead |" in (tmp_path / "bench-tiny-train.md").read_text()
