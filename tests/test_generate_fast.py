@@ -12,17 +12,8 @@ from rim.config import ConfigError, load_config
 from rim.data.tasks import Example, RunningSum
 from rim.infer.generate import greedy_generate, static_cache
 from rim.models.tiny import tiny_model, word_tokenizer
-from test_methods import TASK, setup
+from test_methods import TASK, setup, spread
 from test_serve import RIM_STAGES, answers, tiny_run
-
-
-def spread(model):
-    """Larger random weights: greedy outputs that depend on the input (not one token repeated)."""
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(0)
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
 
 
 def varied_stop(free: list[list[int]]) -> int:
