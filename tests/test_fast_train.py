@@ -189,7 +189,13 @@ def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
     compiled, marks = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    from torch._dynamo.utils import counters
+
+    def mark() -> None:  # and pretend that torch ran the step without graphs, as it reports a skip
+        marks.append(1)
+        counters["inductor"]["cudagraph_skips"] += 1
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
     settings = BenchSettings(question_tokens=12, train_batch=2, repeats=2, warmup=1,
                              compile_train=("default", "reduce-overhead"))
     results = run_bench("train", "tiny", "cpu", tmp_path, settings)
@@ -209,7 +215,10 @@ def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
             v for k, v in speed.items() if k.startswith("rim_")) / speed["plain"]
     passes = results["train"]["masked_vs_separate"]
     assert results["ratios"]["masked_over_separate_tokens"] == passes["separate_tokens"] / passes["masked_tokens"] > 1
-    assert "| refinement | rim_compiled_reduce_overhead |" in (tmp_path / "bench-tiny-train.md").read_text()
+    assert results["train"]["refinement"]["rim_compiled_reduce_overhead"]["cudagraph_skips"] == 3
+    assert "cudagraph_skips" not in results["train"]["refinement"]["rim_compiled"]
+    assert "| refinement | rim_compiled_reduce_overhead (CUDA graphs skipped 3x) |" in \
+        (tmp_path / "bench-tiny-train.md").read_text()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from rim.config import MethodConfig, StageConfig
 from rim.core.batch import collate
@@ -296,7 +297,10 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
             losses = step_losses(model, method, batch, stage)
             for name in ("rim_supervised", "plain"):  # the plain step through the same blocks: like for like
                 row = f"{name.split('_')[0]}_{suffix}"
+                skips = counters["inductor"]["cudagraph_skips"]
                 out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], how in CUDA_GRAPH_MODES)
+                if how in CUDA_GRAPH_MODES:  # > 0: torch ran some blocks without graphs (its log says why)
+                    out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 save()
     return out
 
@@ -521,7 +525,8 @@ def markdown(results: dict) -> str:
             for name, r in rows.items():
                 if not isinstance(r, dict):
                     continue
-                lines.append(f"| {stage} | {name} | {rows['tokens']} ({rows['supervised_tokens']}) | "
+                skipped = f" (CUDA graphs skipped {r['cudagraph_skips']}x)" if r.get("cudagraph_skips") else ""
+                lines.append(f"| {stage} | {name}{skipped} | {rows['tokens']} ({rows['supervised_tokens']}) | "
                              f"{_fmt(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {_fmt(r['peak_memory_mb'], 0)} | "
                              f"{_fmt(r['mfu'], 3)} |")
         p = train.get("masked_vs_separate")
