@@ -101,8 +101,9 @@ class BenchSettings:
     compile: bool | str = False  # ... and with compiled decoding steps, static cache (rows <method>_compiled)
     train_batch: int = 32
     train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
-    # also time RiM's training step through blocks torch.compile'd in these modes (or backends): rows rim_compiled
-    # ("default") and rim_compiled_<mode> (reduce-overhead: CUDA graphs on a GPU)
+    # also time RiM's and the plain training step through blocks torch.compile'd in these modes (or backends): rows
+    # rim_compiled / plain_compiled ("default") and rim_compiled_<mode> / plain_compiled_<mode> (reduce-overhead:
+    # CUDA graphs on a GPU)
     compile_train: tuple[str, ...] = ()
     warmup: int = 2
     repeats: int = 10
@@ -293,13 +294,14 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
         torch._dynamo.reset()  # nothing compiled in an earlier mode is reused
         compile_blocks(model, True if how == "default" else how)
         suffix = "compiled" if how == "default" else f"compiled_{how.replace('-', '_')}"
+        graphs = how in CUDA_GRAPH_MODES
         for stage, batch in zip(stages, batches):
             losses = step_losses(model, method, batch, stage)
             for name in ("rim_supervised", "plain"):  # the plain step through the same blocks: like for like
                 row = f"{name.split('_')[0]}_{suffix}"
                 skips = counters["inductor"]["cudagraph_skips"]
-                out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], how in CUDA_GRAPH_MODES)
-                if how in CUDA_GRAPH_MODES:  # > 0: torch ran some blocks without graphs (its log says why)
+                out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
+                if graphs:  # > 0: torch ran some blocks without graphs (its log says why)
                     out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 save()
     return out

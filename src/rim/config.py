@@ -280,6 +280,7 @@ def validate(cfg: Config) -> None:
 
     method_class("rim")  # registers the built-in methods
     compile_want, train_compile_want = bad_compile(cfg.eval.compile), bad_compile(cfg.train.compile)
+    graphs = cfg.train.compile in CUDA_GRAPH_MODES
     kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
     checks = [
         (cfg.method.name in METHODS, "method.name", f"one of {', '.join(sorted(METHODS))}"),
@@ -353,12 +354,12 @@ def validate(cfg: Config) -> None:
          "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
         (train_compile_want is None, "train.compile", train_compile_want),
         (cfg.train.pad_to_multiple is None or cfg.train.pad_to_multiple >= 1, "train.pad_to_multiple", ">= 1"),
-        (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
+        (not graphs or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
          f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape, length "
          "and batch size; a multiple of 8 to 64 keeps the padding and the number of lengths small)"),
-        (cfg.train.compile not in CUDA_GRAPH_MODES or cfg.method.name != "coconut", "train.compile",
+        (not graphs or cfg.method.name != "coconut", "train.compile",
          "not a CUDA-graph mode for coconut (its latent passes change the sequence length pass by pass)"),
-        (cfg.train.compile not in CUDA_GRAPH_MODES or not (cfg.train.fsdp or cfg.train.gradient_checkpointing),
+        (not graphs or not (cfg.train.fsdp or cfg.train.gradient_checkpointing),
          "train.compile", "not a CUDA-graph mode with train.fsdp or train.gradient_checkpointing (untested: FSDP "
          "gathers weights inside the blocks, and checkpointing reruns their forward inside the backward)"),
         (cfg.eval.select_max is None or cfg.eval.select_max >= 1, "eval.select_max", ">= 1"),

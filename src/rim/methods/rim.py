@@ -43,10 +43,9 @@ class RiM(Method):
         """Greedy answers after ``question + K blocks``. With ``readout_sees_question: false`` the answer tokens do
         not see the question, as in training (the blocks still do, and so does the last block token, which
         predicts the first answer token)."""
-        if self.cfg.readout_sees_question:
-            return super().generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, cache, compile)
-        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache,
-                               hidden=[self.question_length(p) for p in prompts], **self.decoding(cache, compile))
+        hidden = None if self.cfg.readout_sees_question else [self.question_length(p) for p in prompts]
+        return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, hidden=hidden,
+                               **self.decoding(cache, compile))
 
     def plain_decoding(self):
         return None if self.cfg.readout_sees_question else ("its answer must not see the question "

@@ -318,6 +318,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Every ``state_dict`` name of a tensor beyond its first (a tied weight, such as an LM head that shares the input
+    embedding), mapped to that first name."""
+    first: dict[int, str] = {}
+    return {name: first[id(t)] for name, t in model.state_dict(keep_vars=True).items()
+            if first.setdefault(id(t), name) != name}
+
+
 def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
     """The model's transformer blocks (instances of the classes HF lists in ``_no_split_modules``), through DDP and
     peft wrappers; an error naming the ``train.`` switch that needs them where the model lists none."""

@@ -10,7 +10,6 @@ directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``layout.txt`` (one de
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -36,7 +35,7 @@ from rim.eval.evaluate import evaluate
 from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
 from rim.models.adapter import (compile_blocks, enable_gradient_checkpointing, make_trainable, masked_loss,
-                                 set_dropout)
+                                 set_dropout, tied_names)
 from rim.models.load import build_model
 from rim.train.sharding import (full_optimizer_state, full_state_dict, gathered, is_sharded, load_optimizer_state,
                                 shard_model)
@@ -460,9 +459,8 @@ def load_weights(model, folder: Path) -> None:
     if not files:
         raise CheckpointError(f"{folder}: no safetensors weights")
     weights = {k: v for f in files for k, v in load_file(f).items()}
-    tensors = model.state_dict(keep_vars=True)
-    uses = collections.Counter(id(t) for t in tensors.values())
-    tied = {name for name, t in tensors.items() if uses[id(t)] > 1}
+    aliases = tied_names(model)
+    tied = set(aliases) | set(aliases.values())  # every name of a tied tensor
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rim.models.adapter import transformer_blocks
+from rim.models.adapter import tied_names, transformer_blocks
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -74,10 +74,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     weights = get_model_state_dict(model, options=_options())
     if hasattr(model, "peft_config"):
         return weights
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(param), name) != name:
-            weights.pop(name, None)
+    for name in tied_names(model):
+        weights.pop(name, None)
     return weights
 
 
