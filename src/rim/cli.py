@@ -344,7 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Leave the process group a command joined under torchrun (``rim eval`` does; training's accelerator leaves by
+    itself): left to interpreter shutdown, gloo's threads can abort the process after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
