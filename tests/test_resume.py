@@ -5,6 +5,7 @@ the TensorBoard tracker receives the same curve as metrics.jsonl."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -73,8 +74,8 @@ def assert_same_run(a, b):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-@pytest.mark.parametrize("recipe,crash", [(RIM, 5), (RIM, 7), (RIM, 9), (ICOT, 7)],
-                         ids=["grounding", "stage-switch", "refinement", "icot-dynamic"])
+@pytest.mark.parametrize("recipe,crash", [(RIM, 5), (RIM, 7), (RIM, 9), (ICOT, 7), ([*RIM, "train.log_every=3"], 5)],
+                         ids=["grounding", "stage-switch", "refinement", "icot-dynamic", "log-window-across-resume"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, recipe, crash):
     full = train(config(tmp_path, "full", recipe))
     cfg = config(tmp_path, "cut", recipe)
@@ -238,3 +239,26 @@ def test_tensorboard_tracker_gets_the_training_curve(tmp_path):
     logged = losses(run)
     assert [s for s, _ in curve] == list(range(1, 7))
     assert all(v == pytest.approx(logged[s], rel=1e-6) for s, v in curve)
+
+
+def test_a_resumed_optimizer_keeps_its_own_implementation():
+    """A state saved by multi-tensor AdamW (as on a CPU) loaded into a fused one (as on a GPU) steps fused, from the
+    same moments: plain ``load_state_dict`` would bring back the saved ``fused=None``."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    saved_by = loop.adamw(weights, lr=1e-2)
+    for _ in range(2):
+        sum((w ** 2).sum() for w in weights).backward()
+        saved_by.step()
+        saved_by.zero_grad()
+    state = copy.deepcopy(saved_by.state_dict())  # as read back from a file: not the tensors saved_by steps
+    assert not state["param_groups"][0]["fused"]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = torch.optim.AdamW(copies, lr=1e-2, fused=True)
+    fused.load_state_dict(loop.with_implementation_of(fused, state))
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["lr"] == 1e-2
+    for opt, params in ((saved_by, weights), (fused, copies)):
+        sum((w ** 2).sum() for w in params).backward()
+        opt.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, copies))
+    assert int(fused.state[copies[0]]["step"]) == 3

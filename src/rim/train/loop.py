@@ -117,6 +117,9 @@ def stage_length(stage: StageConfig, batches_per_epoch: int, grad_accum: int) ->
     return max(1, math.ceil(stage.epochs * math.ceil(batches_per_epoch / grad_accum)))
 
 
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, sharded: bool = False
           ) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step on a GPU (as Hugging Face's Trainer defaults to since torch 2.8; the
@@ -136,6 +139,16 @@ def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.o
     optimizer = adamw(params, stage.lr, stage.weight_decay, sharded=is_sharded(model))
     optimizer.param_groups[0]["initial_lr"] = stage.lr  # what the scheduler adds; a saved state holds it too
     return accelerator.prepare(optimizer)
+
+
+def with_implementation_of(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A saved optimizer state with ``optimizer``'s implementation flags (fused, foreach, ...) in its groups, so that a
+    run saved on a CPU and resumed on a GPU steps with the fused kernel (``load_state_dict`` would restore the saved
+    flags) and its step counters go where the fused kernel needs them."""
+    ours = getattr(optimizer, "optimizer", optimizer).param_groups
+    groups = [{**saved, **{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group}}
+              for saved, group in zip(state["param_groups"], ours)]
+    return {**state, "param_groups": groups}
 
 
 def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -315,10 +328,11 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     if optimizer is None or stage.reset_optimizer or resumed is not None:
         optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
+            saved = with_implementation_of(optimizer, resumed["optimizer"])
             if sharded:  # the moments; the learning rate is set below
-                load_optimizer_state(model, optimizer, resumed["optimizer"])
+                load_optimizer_state(model, optimizer, saved)
             else:
-                optimizer.load_state_dict(resumed["optimizer"])
+                optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = stage.lr
         group["weight_decay"] = stage.weight_decay
@@ -340,8 +354,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 p.grad = torch.zeros_like(p)
     bar = tqdm(total=total, initial=pos.stage_step, desc=f"{stage.name}",
                disable=not (cfg.train.progress and accelerator.is_main_process))
-    step, skip, n_loss, tokens = pos.stage_step, pos.batch, 0, 0
-    loss_sum = torch.zeros((), device=accelerator.device)
+    step, skip = pos.stage_step, pos.batch
+    # the logging window, continued from the checkpoint when resuming
+    n_loss, tokens = (pos.log_batches, pos.log_tokens) if resumed is not None else (0, 0)
+    loss_sum = torch.tensor(pos.log_loss if resumed is not None else 0.0, device=accelerator.device)
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss since the last check
     start = time.perf_counter()
     while step < total:
@@ -392,8 +408,12 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                           lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
+            if checkpointer.saves_at(pos.step, stage_end) or signum:  # the window goes into the checkpoint
+                pos.log_loss = accelerator.reduce(loss_sum, "mean").item() if n_loss else 0.0
+                pos.log_batches, pos.log_tokens = n_loss, tokens
             if stage_end:  # a checkpoint here resumes at the start of the next stage
                 pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
+                pos.log_loss, pos.log_batches, pos.log_tokens = 0.0, 0, 0
             checkpointer.on_step(model, pos, optimizer, scheduler, stage_end)
             if signum:
                 if not checkpointer.saves_at(pos.step, stage_end):

@@ -30,13 +30,18 @@ class CheckpointError(ValueError):
 @dataclass
 class Position:
     """Where training stands: stage index, optimizer steps into the stage and overall, epochs completed in the
-    stage and micro-batches consumed in the current epoch."""
+    stage and micro-batches consumed in the current epoch; and the training-loss window since the last ``train``
+    log line (the sum of its micro-batch losses, averaged over processes, their count, and the tokens seen in the
+    stage), so that a resumed run logs what an uninterrupted one does. The window is current in saved states."""
 
     stage: int = 0
     stage_step: int = 0
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    log_loss: float = 0.0
+    log_batches: int = 0
+    log_tokens: int = 0
 
 
 def sha256(path: Path) -> str:
