@@ -5,14 +5,15 @@
 #   bash bench/run_gpu.sh                         # the fast-path tests, then SmolLM2-135M and GPT-2 (about 8 min)
 #   bash bench/run_gpu.sh llama-3.2-1b            # one shape per call where a call is limited to 10 minutes
 #   BENCH_ARGS="--repeats 5" SHAPE_TIMEOUT=250 bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
-#   TESTS=1 SUITE=train BENCH_ARGS="--repeats 5" bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
+#   TESTS=1 SUITE=train SHAPE_TIMEOUT=400 BENCH_ARGS="--repeats 5" bash bench/run_gpu.sh smollm2-135m
 #                                                 # the tests too, and only the training half of the suite
 #
 # Every shape runs the suite in one process, so each ratio is measured side by side: latency of every method
 # (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), all K readouts against K
 # decodes, and the training step (all weights trainable, as the issue's H200 check): plain HF against RiM with
-# full, supervised and fused logits and with compiled blocks (default mode, and reduce-overhead: the blocks' CUDA
-# graphs). The tests include training through CUDA-graph blocks on the GPU against eager training.
+# full, supervised and fused logits, then compiled: the whole decoder at once and each block on its own, each in
+# reduce-overhead (CUDA graphs) and the default mode. The tests include training through CUDA graphs on the GPU
+# against eager training.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/rim-bench}; mkdir -p "$OUT"
@@ -31,7 +32,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 for shape in "${shapes[@]}"; do
   timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench "$SUITE" --shape "$shape" --train-mode full \
-    --compile-train default,reduce-overhead \
+    --compile-train reduce-overhead,default --compile-scope decoder,blocks \
     --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"
   cat "$OUT/bench-$shape-$SUITE.md" 2>/dev/null

@@ -363,6 +363,8 @@ def test_over_long_examples_are_skipped_or_have_their_question_cut_from_the_left
     ("train.compile=reduce-overhead", "train.pad_to_multiple"),
     ("train.compile=reduce-overhead train.pad_to_multiple=8 train.fsdp=true", "train.compile"),
     ("train.compile=max-autotune train.pad_to_multiple=8 train.gradient_checkpointing=true", "train.compile"),
+    ("train.compile_scope=model", "train.compile_scope"),
+    ("train.compile=true train.compile_scope=decoder train.fsdp=true", "train.compile_scope"),
 ])
 def test_config_ranges_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):

@@ -77,6 +77,37 @@ def test_compile_train_takes_modes_or_backends():
         compile_train_modes("default,fast")
 
 
+def test_bench_times_both_steps_through_each_compile_scope_and_mode(tmp_path, monkeypatch):
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
+    assert main(["bench", "train", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1",
+                 "--train-batch", "2", "--question-tokens", "12", "--compile-train", "aot_eager,eager",
+                 "--compile-scope", "blocks,decoder", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench-tiny-train.json").read_text())
+    assert results["settings"]["compile_scopes"] == ["blocks", "decoder"]
+    compiled = {f"{step}_compiled{scope}{mode}" for step in ("rim", "plain") for scope in ("", "_decoder")
+                for mode in ("_aot_eager", "_eager")}
+    for stage in ("grounding", "refinement"):
+        assert compiled <= set(results["train"][stage])
+    ratios = results["ratios"]
+    assert {"train_stage1_compiled_decoder_aot_eager_over_plain", "train_stage2_compiled_decoder_eager_over_plain",
+            "train_stage1_compiled_decoder_eager_over_plain_compiled_decoder_eager"} <= set(ratios)
+    assert ratios["train_stage1_fastest_over_plain"] >= ratios["train_stage1_compiled_decoder_eager_over_plain"]
+
+
+def test_the_shape_choices_are_the_benchmarked_shapes():
+    shape = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "shape")
+    assert set(shape.choices) == set(SHAPES)
+
+
+def test_compile_scope_is_checked():
+    from rim.cli import compile_scopes
+
+    assert compile_scopes("decoder, blocks") == ("decoder", "blocks")
+    with pytest.raises(ConfigError, match="--compile-scope: want blocks and/or decoder"):
+        compile_scopes("model")
+
+
 def test_a_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """Written after every training row: a part that fails (or a timeout) loses only what was not measured."""
     import rim.bench as bench

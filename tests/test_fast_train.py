@@ -17,7 +17,7 @@ from rim.core.curriculum import weighted_readout_loss
 from rim.core.layout import Readout, build_layout, grounding_readouts, refinement_readouts
 from rim.data.tasks import Example, RunningSum
 from rim.methods import METHODS, make_method
-from rim.models.adapter import (add_memory_tokens, add_tokens, compile_blocks, enable_gradient_checkpointing,
+from rim.models.adapter import (add_memory_tokens, add_tokens, compile_model, enable_gradient_checkpointing,
                                 make_trainable, set_dropout)
 from rim.models.tiny import tiny_model, word_tokenizer
 from rim.train.loop import LengthBuckets, step_loss, stage_weights
@@ -303,22 +303,24 @@ def test_padding_to_a_multiple_keeps_the_loss_and_gradients(family, name):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_blocks_passes_the_mode_or_backend(monkeypatch):
+def test_compile_model_passes_the_mode_or_backend(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(k))
     model, _, mem = make_tiny("llama", layers=2)
     for how, options in ((True, {}), ("reduce-overhead", {"mode": "reduce-overhead"}), ("eager", {"backend": "eager"})):
-        compile_blocks(model, how)
+        compile_model(model, how)
         assert calls[-2:] == [options] * 2
 
 
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU (bench/run_gpu.sh runs it there)"))])
-def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkeypatch, device):
+def test_training_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkeypatch, device, scope):
     """``train.compile=reduce-overhead`` with padded batches (real inductor; on a CPU without the CUDA graphs
-    themselves), accumulating two micro-batches per step (into gradient buffers that outlive the graphs' replays):
-    the same losses as eager training (fp32), a new graph step marked before every micro-batch, and selection
-    decoding run eagerly (it would otherwise record graphs for every length it meets)."""
+    themselves), each block or the whole decoder compiled, accumulating two micro-batches per step (into gradient
+    buffers that outlive the graphs' replays): the same losses as eager training (fp32), a new graph step marked
+    before every micro-batch, and selection decoding run eagerly (it would otherwise record graphs for every
+    length it meets)."""
     from rim.train import loop
 
     marks, stances = [], []
@@ -339,7 +341,7 @@ def test_training_through_blocks_compiled_for_cuda_graphs_takes_the_same_steps(t
 
     eager = losses()
     assert not marks and not stances
-    compiled = losses("train.compile=reduce-overhead", "train.pad_to_multiple=8")
+    compiled = losses("train.compile=reduce-overhead", "train.pad_to_multiple=8", f"train.compile_scope={scope}")
     assert compiled == pytest.approx(eager, rel=1e-5) and len(eager) == 5
     assert len(marks) == 10 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
@@ -355,13 +357,36 @@ def test_adamw_is_fused_on_a_gpu_unless_sharded(device):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_compile_blocks_compiles_each_transformer_block(monkeypatch, mode):
+def test_compile_model_compiles_each_transformer_block(monkeypatch, mode):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
     for family, block in (("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block")):
         model, _, mem = make_tiny(family, layers=3)
-        assert compile_blocks(make_trainable(model, mem.all, mode, lora_rank=2)) == 3
+        assert compile_model(make_trainable(model, mem.all, mode, lora_rank=2)) == 3
         assert compiled[-3:] == [block] * 3
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compile_model_compiles_the_decoder_at_once(monkeypatch, mode):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    for family, decoder in (("llama", "LlamaModel"), ("gpt2", "GPT2Model")):
+        model, _, mem = make_tiny(family, layers=3)
+        assert compile_model(make_trainable(model, mem.all, mode, lora_rank=2), True, "decoder") == 1
+        assert compiled[-1] == decoder
+
+
+def test_compile_model_switches_scope_and_refuses_a_model_without_a_decoder():
+    model, _, _ = make_tiny("llama", layers=2)
+    compile_model(model, "eager", "blocks")
+    compile_model(model, "eager", "decoder")
+    compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+    assert compiled == [model.get_decoder()]
+    model.get_decoder = lambda: model
+    with pytest.raises(ValueError, match="train.compile_scope=blocks"):
+        compile_model(model, True, "decoder")
+    with pytest.raises(ValueError, match="compile scope"):
+        compile_model(model, True, "everything")
 
 
 def test_training_runs_with_buckets_and_checkpointing(tmp_path):

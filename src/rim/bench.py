@@ -16,6 +16,7 @@ targets and the environment: device, versions, commit) and the same as a Markdow
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from rim.core.layout import PAD, Readout, build_layout
 from rim.data.tasks import Example
 from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import METHODS, Method, TokenizedExample, make_method
-from rim.models.adapter import add_tokens, compile_blocks, logits_at, make_trainable, masked_forward, set_dropout
+from rim.models.adapter import add_tokens, compile_model, logits_at, make_trainable, masked_forward, set_dropout
 from rim.models.tiny import SPECIAL, word_tokenizer
 from rim.train.loop import adamw, stage_weights, step_loss
 
@@ -58,6 +59,8 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape("llama", 8, 96, 4, 2, 384, 2048),  # the demo's model, with a vocabulary of 2,048
+    # SmolLM2-135M's 30 layers at a tiny width: on a CPU a step bound by the host, as SmolLM2's is on a GPU
+    "tiny-deep": Shape("llama", 30, 64, 4, 2, 256, 2048),
     "gpt2": Shape("gpt2", 12, 768, 12, 12, 3072, 50257),  # GPT-2 124M
     "smollm2-135m": Shape("llama", 30, 576, 9, 3, 1536, 49152),
     "llama-3.2-1b": Shape("llama", 16, 2048, 32, 8, 8192, 128256),
@@ -103,8 +106,9 @@ class BenchSettings:
     train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
     # also time RiM's and the plain training step through blocks torch.compile'd in these modes (or backends): rows
     # rim_compiled / plain_compiled ("default") and rim_compiled_<mode> / plain_compiled_<mode> (reduce-overhead:
-    # CUDA graphs on a GPU)
+    # CUDA graphs on a GPU); with the scope "decoder", the whole decoder compiled at once: rows rim_compiled_decoder..
     compile_train: tuple[str, ...] = ()
+    compile_scopes: tuple[str, ...] = ("blocks",)
     warmup: int = 2
     repeats: int = 10
     seed: int = 0
@@ -290,10 +294,12 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
         out["masked_vs_separate"] = bench_masked_pass(model, method, examples, s, device)
     save()
     model.train()
-    for how in s.compile_train:  # last: compiling changes the model in place (the warm-up runs compile)
+    # last: compiling changes the model in place (the warm-up runs compile)
+    for scope, how in itertools.product(s.compile_scopes, s.compile_train):
         torch._dynamo.reset()  # nothing compiled in an earlier mode is reused
-        compile_blocks(model, True if how == "default" else how)
-        suffix = "compiled" if how == "default" else f"compiled_{how.replace('-', '_')}"
+        compile_model(model, True if how == "default" else how, scope)
+        suffix = "compiled" + ("" if scope == "blocks" else f"_{scope}") + (
+            "" if how == "default" else f"_{how.replace('-', '_')}")
         graphs = how in CUDA_GRAPH_MODES
         for stage, batch in zip(stages, batches):
             losses = step_losses(model, method, batch, stage)

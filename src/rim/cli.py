@@ -99,7 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
                              repeats=args.repeats, static_cache=args.static_cache,
-                             compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train))
+                             compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train),
+                             compile_scopes=compile_scopes(args.compile_scope))
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -155,6 +156,17 @@ def compile_train_modes(value: str | None) -> tuple[str, ...]:
         if want is not None:
             raise ConfigError(f"--compile-train: {mode!r} is neither a compile mode nor a backend; want {want}")
     return modes
+
+
+def compile_scopes(value: str) -> tuple[str, ...]:
+    """``--compile-scope SCOPES``: what ``--compile-train`` compiles (``train.compile_scope``'s values)."""
+    from rim.config import ConfigError
+    from rim.models.adapter import COMPILE_SCOPES
+
+    scopes = tuple(dict.fromkeys(s.strip() for s in value.split(",")))
+    if not scopes or not set(scopes) <= set(COMPILE_SCOPES):
+        raise ConfigError(f"--compile-scope: want {' and/or '.join(COMPILE_SCOPES)}, comma-separated; not {value!r}")
+    return scopes
 
 
 def compile_setting(args: argparse.Namespace) -> bool | str:
@@ -247,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed against the baselines: latency of every method, RiM's training step")
     p.add_argument("suite", choices=["latency", "train", "all"])
-    p.add_argument("--shape", default="tiny", choices=["tiny", "gpt2", "smollm2-135m", "llama-3.2-1b"],
-                   help="model shape, random weights (default: tiny, the demo's model)")
+    p.add_argument("--shape", default="tiny", choices=["tiny", "tiny-deep", "gpt2", "smollm2-135m", "llama-3.2-1b"],
+                   help="model shape, random weights (default: tiny, the demo's model; tiny-deep: its width at "
+                        "SmolLM2's 30 layers)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs/bench", help="folder for bench-<shape>-<suite>.json and .md")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
@@ -267,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: also RiM's step through torch.compile'd blocks, in each of these comma-separated "
                         "modes (default when none is given; e.g. default,reduce-overhead): rows rim_compiled and "
                         "rim_compiled_<mode>; the compiling happens in the warm-up runs")
+    p.add_argument("--compile-scope", default="blocks", metavar="SCOPES",
+                   help="with --compile-train: what is compiled, comma-separated: blocks (each transformer block, "
+                        "as train.compile_scope's default) and/or decoder (the whole stack at once: rows "
+                        "rim_compiled_decoder[_<mode>])")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("answer", help="answer questions with a trained run; one JSON line per question")

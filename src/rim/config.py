@@ -119,6 +119,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
     compile: bool | str = False  # torch.compile each transformer block: true, a mode (reduce-overhead: CUDA graphs)
     # or a backend; compiling costs time on the first batches
+    compile_scope: str = "blocks"  # what train.compile compiles: each block on its own, or the whole decoder at once
     pad_to_multiple: int | None = None  # pad each batch's length up to a multiple of this: fewer shapes to compile
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (torch FSDP2)
     trackers: list = field(default_factory=list)  # also log to these accelerate trackers: tensorboard, wandb, ...
@@ -277,6 +278,7 @@ def validate(cfg: Config) -> None:
     from rim.data.records import ON_ERROR
     from rim.infer.generate import CACHES, CUDA_GRAPH_MODES
     from rim.methods.base import METHODS, TOO_LONG, Method, method_class
+    from rim.models.adapter import COMPILE_SCOPES
 
     method_class("rim")  # registers the built-in methods
     compile_want, train_compile_want = bad_compile(cfg.eval.compile), bad_compile(cfg.train.compile)
@@ -353,6 +355,9 @@ def validate(cfg: Config) -> None:
         (not cfg.train.fused_loss or METHODS.get(cfg.method.name, Method).forward is Method.forward,
          "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
         (train_compile_want is None, "train.compile", train_compile_want),
+        (cfg.train.compile_scope in COMPILE_SCOPES, "train.compile_scope", " or ".join(COMPILE_SCOPES)),
+        (cfg.train.compile_scope == "blocks" or not cfg.train.fsdp, "train.compile_scope",
+         "blocks with train.fsdp (FSDP shards the model block by block; a compiled decoder with it is untested)"),
         (cfg.train.pad_to_multiple is None or cfg.train.pad_to_multiple >= 1, "train.pad_to_multiple", ">= 1"),
         (not graphs or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
          f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape, length "

@@ -7,9 +7,9 @@
 - ``logits_at``: logits only at chosen positions (training computes them where labels are, not over the vocabulary
   at every position);
 - ``loss_at`` / ``masked_loss``: the weighted readout loss fused with the LM head at those positions (no logits);
-- ``compile_blocks``: ``torch.compile`` of each transformer block.
+- ``compile_model``: ``torch.compile`` of each transformer block, or of the whole decoder stack at once.
 No model family is special-cased: only ``get_input_embeddings``, ``get_output_embeddings``,
-``resize_token_embeddings``, ``attention_mask``, ``position_ids`` and ``_no_split_modules``.
+``resize_token_embeddings``, ``get_decoder``, ``attention_mask``, ``position_ids`` and ``_no_split_modules``.
 """
 
 from __future__ import annotations
@@ -339,15 +339,38 @@ def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
     return blocks
 
 
-def compile_blocks(model: nn.Module, how: bool | str = True) -> int:
-    """``torch.compile`` every transformer block in place; returns how many. ``how``: True (the default mode), an
-    inductor mode (``reduce-overhead`` records CUDA graphs, one set per batch shape) or a backend. The head, the
-    supervised-position gather and the loss stay eager: their shapes change every batch. Compiling in place keeps
-    parameter names, so checkpoints are unaffected."""
+COMPILE_SCOPES = ("blocks", "decoder")
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The model without its LM head (HF ``get_decoder``: embeddings, blocks, final norm), through DDP and peft
+    wrappers; an error naming ``train.compile_scope`` where the model has none apart from its head."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base or not isinstance(decoder, nn.Module):
+        raise ValueError(f"{type(base).__name__} has no decoder apart from its LM head (get_decoder); set "
+                         "train.compile_scope=blocks")
+    return decoder
+
+
+def compile_model(model: nn.Module, how: bool | str = True, scope: str = "blocks") -> int:
+    """``torch.compile`` in place; returns how many modules were compiled. ``how``: True (the default mode), an
+    inductor mode (``reduce-overhead`` records CUDA graphs, one set per batch shape) or a backend. ``scope``:
+    ``blocks``, every transformer block on its own (small graphs, one compile serves all blocks), or ``decoder``,
+    the whole stack at once (one graph forward and one backward: a call from Python per step instead of one per
+    block, and fusion across blocks; a longer first compile). The head, the supervised-position gather and the
+    loss stay eager: their shapes change every batch. What an earlier call compiled is undone first, so calls
+    may switch scope or mode. Compiling in place keeps parameter names, so checkpoints are unaffected."""
     from rim.infer.generate import compile_options
 
-    blocks = transformer_blocks(model, "compile")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, not {scope!r}")
+    for module in model.modules():
+        if module._compiled_call_impl is not None:  # what nn.Module.compile set (torch's own attribute)
+            module._compiled_call_impl = None
+    modules = transformer_blocks(model, "compile") if scope == "blocks" else [decoder_stack(model)]
     options = {} if how is True else compile_options(how)
-    for block in blocks:
-        block.compile(**options)
-    return len(blocks)
+    for module in modules:
+        module.compile(**options)
+    return len(modules)

@@ -34,7 +34,7 @@ from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import evaluate
 from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
-from rim.models.adapter import (compile_blocks, enable_gradient_checkpointing, make_trainable, masked_loss,
+from rim.models.adapter import (compile_model, enable_gradient_checkpointing, make_trainable, masked_loss,
                                  set_dropout, tied_names)
 from rim.models.load import build_model
 from rim.train.sharding import (full_optimizer_state, full_state_dict, gathered, is_sharded, load_optimizer_state,
@@ -562,8 +562,10 @@ class Checkpointer:
         """Score the selection split (sharded over the processes); keep the checkpoint if it is the best so far."""
         inner = self.accelerator.unwrap_model(model)
         k = self.cfg.eval.blocks or self.cfg.method.blocks
-        # decoding through blocks compiled into CUDA graphs would record graphs for every length it meets
-        eager = self.cfg.train.compile in CUDA_GRAPH_MODES
+        # decoding through blocks compiled into CUDA graphs would record graphs for every length it meets, and a
+        # compiled decoder would be recompiled for the KV cache at every length
+        train = self.cfg.train
+        eager = train.compile in CUDA_GRAPH_MODES or (bool(train.compile) and train.compile_scope == "decoder")
         with gathered(inner), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
                               self.cfg.eval.batch_size, any_block=False, latency_examples=0)
@@ -685,7 +687,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             print(f"resuming from {start_from} (step {pos.step})"
                   + "".join(f"\n  config changed: {line}" for line in diff))
     if cfg.train.compile:
-        compile_blocks(model, cfg.train.compile)
+        compile_model(model, cfg.train.compile, cfg.train.compile_scope)
     method = make_method(cfg.method, tokenizer)
     data = prepare_data(cfg, task, tokenizer, method)
     if task.records.total_skipped() or task.records.truncated:
