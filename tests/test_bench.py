@@ -86,8 +86,10 @@ def test_bench_times_both_steps_through_each_compile_scope_and_mode(tmp_path, mo
     assert results["settings"]["compile_scopes"] == ["blocks", "decoder"]
     compiled = {f"{step}_compiled{scope}{mode}" for step in ("rim", "plain") for scope in ("", "_decoder")
                 for mode in ("_aot_eager", "_eager")}
-    for stage in ("grounding", "refinement"):
-        assert compiled <= set(results["train"][stage])
+    for stage in ("grounding", "refinement"):  # the compiled rows' batches padded to one length, as in training
+        rows = results["train"][stage]
+        assert compiled <= set(rows)
+        assert rows["padded_tokens"] % (2 * 16) == 0 and rows["padded_tokens"] > rows["tokens"]
     ratios = results["ratios"]
     assert {"train_stage1_compiled_decoder_aot_eager_over_plain", "train_stage2_compiled_decoder_eager_over_plain",
             "train_stage1_compiled_decoder_eager_over_plain_compiled_decoder_eager"} <= set(ratios)
