@@ -2,7 +2,7 @@
 # The speed suite (`rim bench`) on a lent GPU machine, no registry there: it runs from the source tree. Results
 # (bench-<shape>-<suite>.json / .md, logs, env.txt) land in $OUT.
 #
-#   bash bench/run_gpu.sh                         # the fast-path tests, then SmolLM2-135M and GPT-2 (about 8 min)
+#   bash bench/run_gpu.sh                         # the fast-path tests, then SmolLM2-135M and GPT-2 (up to 17 min)
 #   bash bench/run_gpu.sh llama-3.2-1b            # one shape per call where a call is limited to 10 minutes
 #   BENCH_ARGS="--repeats 5" SHAPE_TIMEOUT=250 bash bench/run_gpu.sh smollm2-135m llama-3.2-1b
 #   TESTS=1 SUITE=train SHAPE_TIMEOUT=400 BENCH_ARGS="--repeats 5" bash bench/run_gpu.sh smollm2-135m
@@ -11,8 +11,8 @@
 # Every shape runs the suite in one process, so each ratio is measured side by side: latency of every method
 # (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), all K readouts against K
 # decodes, and the training step (all weights trainable, as the H200 check): plain HF against RiM with
-# full, supervised and fused logits, then compiled: the whole decoder at once and each block on its own, each in
-# reduce-overhead (CUDA graphs) and the default mode. The tests include training through CUDA graphs on the GPU
+# full, supervised and fused logits, then compiled in reduce-overhead (CUDA graphs) and then the default mode,
+# each with the whole decoder at once and with each block on its own. The tests include training through CUDA graphs on the GPU
 # against eager training.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -31,7 +31,7 @@ if [ -n "${TESTS:-}" ]; then
   echo "tests rc=$?" | tee -a "$OUT/tests.log"
 fi
 for shape in "${shapes[@]}"; do
-  timeout "${SHAPE_TIMEOUT:-240}" python3 -m rim.cli bench "$SUITE" --shape "$shape" --train-mode full \
+  timeout "${SHAPE_TIMEOUT:-400}" python3 -m rim.cli bench "$SUITE" --shape "$shape" --train-mode full \
     --compile-train reduce-overhead,default --compile-scope decoder,blocks \
     --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"

@@ -106,8 +106,11 @@ def test_compile_scope_is_checked():
     from rim.cli import compile_scopes
 
     assert compile_scopes("decoder, blocks") == ("decoder", "blocks")
+    assert compile_scopes(None, None) == ("blocks",)
     with pytest.raises(ConfigError, match="--compile-scope: want blocks and/or decoder"):
         compile_scopes("model")
+    with pytest.raises(ConfigError, match="give --compile-train too"):
+        compile_scopes("decoder", None)
 
 
 def test_a_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

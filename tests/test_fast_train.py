@@ -346,6 +346,31 @@ def test_training_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkey
     assert len(marks) == 10 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
+def test_training_through_a_compiled_decoder_selects_eagerly(tmp_path, monkeypatch, scope):
+    """Without CUDA graphs (here the aot_eager backend: torch.compile's tracing, no code generation), compiled
+    training takes eager training's steps; selection decoding runs eagerly with a compiled decoder (through a KV
+    cache it would be recompiled at every length) and through the compiled blocks otherwise."""
+    from rim.train import loop
+
+    stances, set_stance = [], torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **k: stances.append(stance) or set_stance(
+        stance, **k))
+    base = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "data.options={n_train: 16, "
+            "n_valid: 4}", "eval.select_split=valid", "eval.every=2", "stages=[{name: g, kind: grounding, steps: 2}]",
+            "train.batch_size=8", "train.progress=false", "train.log_every=1", "train.device=cpu"]
+
+    def losses(*extra: str) -> list[float]:
+        run = loop.train(load_config(None, [*base, *extra, f"output_dir={tmp_path / str(len(extra))}"]))
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if '"event": "train"' in line]
+
+    eager = losses()
+    compiled = losses("train.compile=aot_eager", f"train.compile_scope={scope}")
+    assert compiled == pytest.approx(eager, rel=1e-5) and len(eager) == 2
+    assert stances.count("force_eager") == (1 if scope == "decoder" else 0)  # one selection, at step 2
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_adamw_is_fused_on_a_gpu_unless_sharded(device):

@@ -103,7 +103,7 @@ class BenchSettings:
     static_cache: bool = False  # latency: also No-CoT and RiM decoded into a static KV cache (rows <method>_static)
     compile: bool | str = False  # ... and with compiled decoding steps, static cache (rows <method>_compiled)
     train_batch: int = 32
-    train_mode: str = "auto"  # full for tiny, lora (rank 128) otherwise, as in rim train
+    train_mode: str = "auto"  # full for the tiny shapes, lora (rank 128) otherwise, as in rim train
     # also time RiM's and the plain training step through blocks torch.compile'd in these modes (or backends): rows
     # rim_compiled / plain_compiled ("default") and rim_compiled_<mode> / plain_compiled_<mode> (reduce-overhead:
     # CUDA graphs on a GPU); with the scope "decoder", the whole decoder compiled at once: rows rim_compiled_decoder..
@@ -306,7 +306,7 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
     padded = [make_batch(stage, s.compile_pad) for stage in stages] if s.compile_train else []
     for stage, padded_batch in zip(stages, padded):
         out[stage.name]["padded_tokens"] = padded_batch["input_ids"].numel()
-    for scope, how in itertools.product(s.compile_scopes, s.compile_train):
+    for how, scope in itertools.product(s.compile_train, s.compile_scopes):
         torch._dynamo.reset()  # nothing compiled in an earlier mode is reused
         compile_model(model, True if how == "default" else how, scope)
         suffix = "compiled" + ("" if scope == "blocks" else f"_{scope}") + (
@@ -483,7 +483,7 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     infer_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    mode = s.train_mode if s.train_mode != "auto" else ("full" if shape == "tiny" else "lora")
+    mode = s.train_mode if s.train_mode != "auto" else ("full" if shape.startswith("tiny") else "lora")
     start = time.perf_counter()
     model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
     results: dict = {"suite": suite, "shape": shape, "shape_config": asdict(SHAPES[shape]), "settings": asdict(s),

@@ -100,7 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
                              repeats=args.repeats, static_cache=args.static_cache,
                              compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train),
-                             compile_scopes=compile_scopes(args.compile_scope))
+                             compile_scopes=compile_scopes(args.compile_scope, args.compile_train))
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -158,11 +158,16 @@ def compile_train_modes(value: str | None) -> tuple[str, ...]:
     return modes
 
 
-def compile_scopes(value: str) -> tuple[str, ...]:
-    """``--compile-scope SCOPES``: what ``--compile-train`` compiles (``train.compile_scope``'s values)."""
+def compile_scopes(value: str | None, modes: str | None = "default") -> tuple[str, ...]:
+    """``--compile-scope SCOPES``: what ``--compile-train`` (``modes``) compiles (``train.compile_scope``'s values;
+    blocks when not given)."""
     from rim.config import ConfigError
     from rim.models.adapter import COMPILE_SCOPES
 
+    if value is None:
+        return ("blocks",)
+    if not modes:
+        raise ConfigError("--compile-scope times compiled steps: give --compile-train too")
     scopes = tuple(dict.fromkeys(s.strip() for s in value.split(",")))
     if not scopes or not set(scopes) <= set(COMPILE_SCOPES):
         raise ConfigError(f"--compile-scope: want {' and/or '.join(COMPILE_SCOPES)}, comma-separated; not {value!r}")
@@ -277,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_flags(p, "latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
                          "*_compiled)")
     p.add_argument("--compile-train", nargs="?", const="default", default=None, metavar="MODES",
-                   help="train: also RiM's step through torch.compile'd blocks, in each of these comma-separated "
-                        "modes (default when none is given; e.g. default,reduce-overhead): rows rim_compiled and "
-                        "rim_compiled_<mode>; the compiling happens in the warm-up runs")
-    p.add_argument("--compile-scope", default="blocks", metavar="SCOPES",
+                   help="train: also RiM's and the plain step torch.compile'd (see --compile-scope), in each of "
+                        "these comma-separated modes (default when none is given; e.g. default,reduce-overhead): rows "
+                        "rim_compiled and rim_compiled_<mode>; the compiling happens in the warm-up runs")
+    p.add_argument("--compile-scope", default=None, metavar="SCOPES",
                    help="with --compile-train: what is compiled, comma-separated: blocks (each transformer block, "
                         "as train.compile_scope's default) and/or decoder (the whole stack at once: rows "
                         "rim_compiled_decoder[_<mode>])")

@@ -356,7 +356,7 @@ def validate(cfg: Config) -> None:
          "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
         (train_compile_want is None, "train.compile", train_compile_want),
         (cfg.train.compile_scope in COMPILE_SCOPES, "train.compile_scope", " or ".join(COMPILE_SCOPES)),
-        (cfg.train.compile_scope == "blocks" or not cfg.train.fsdp, "train.compile_scope",
+        (cfg.train.compile_scope == "blocks" or not (cfg.train.compile and cfg.train.fsdp), "train.compile_scope",
          "blocks with train.fsdp (FSDP shards the model block by block; a compiled decoder with it is untested)"),
         (cfg.train.pad_to_multiple is None or cfg.train.pad_to_multiple >= 1, "train.pad_to_multiple", ">= 1"),
         (not graphs or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",

@@ -146,6 +146,8 @@ def with_implementation_of(optimizer: torch.optim.Optimizer, state: dict) -> dic
     run saved on a CPU and resumed on a GPU steps with the fused kernel (``load_state_dict`` would restore the saved
     flags) and its step counters go where the fused kernel needs them."""
     ours = getattr(optimizer, "optimizer", optimizer).param_groups
+    if len(ours) != len(state["param_groups"]):  # load_state_dict says what does not match
+        return state
     groups = [{**saved, **{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group}}
               for saved, group in zip(state["param_groups"], ours)]
     return {**state, "param_groups": groups}
