@@ -59,7 +59,7 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape("llama", 8, 96, 4, 2, 384, 2048),  # the demo's model, with a vocabulary of 2,048
-    # SmolLM2-135M's 30 layers at a tiny width: on a CPU a step bound by the host, as SmolLM2's is on a GPU
+    # SmolLM2-135M's 30 layers at a tiny width: on a CPU much of a step is the host's, as all of SmolLM2's on a GPU
     "tiny-deep": Shape("llama", 30, 64, 4, 2, 256, 2048),
     "gpt2": Shape("gpt2", 12, 768, 12, 12, 3072, 50257),  # GPT-2 124M
     "smollm2-135m": Shape("llama", 30, 576, 9, 3, 1536, 49152),

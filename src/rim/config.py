@@ -117,8 +117,8 @@ class TrainConfig:
     fused_loss: bool = False  # the loss fused with the LM head, a chunk of rows at a time: no logits tensor at all
     bucket_by_length: bool = False  # batches of examples of similar length (less padding), drawn from the seed
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
-    compile: bool | str = False  # torch.compile each transformer block: true, a mode (reduce-overhead: CUDA graphs)
-    # or a backend; compiling costs time on the first batches
+    compile: bool | str = False  # torch.compile the blocks or decoder (compile_scope): true, a mode (reduce-overhead:
+    # CUDA graphs) or a backend; compiling costs time on the first batches
     compile_scope: str = "blocks"  # what train.compile compiles: each block on its own, or the whole decoder at once
     pad_to_multiple: int | None = None  # pad each batch's length up to a multiple of this: fewer shapes to compile
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (torch FSDP2)
