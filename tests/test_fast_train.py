@@ -401,6 +401,26 @@ def test_compile_model_compiles_the_decoder_at_once(monkeypatch, mode):
         assert compiled[-1] == decoder
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decoder_under_the_rim_mask_traces_as_one_graph(family, mode):
+    """What ``train.compile_scope: decoder`` compiles, called as RiM's training step calls it (4-D mask, RiM
+    positions): one graph, no break (a break would split it into several graphs and CUDA-graph replays)."""
+    from rim.models.adapter import decoder_stack
+
+    model, tok, mem = make_tiny(family)
+    model = make_trainable(model, mem.all, mode, lora_rank=2).train()
+    batch = rim_batch(mem, REFINEMENT)
+    decoder, calls = decoder_stack(model), []
+    hook = decoder.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    step_loss(make_method(MethodConfig(name="rim"), tok), model, batch, stage_weights(batch, REFINEMENT, 0.0))
+    hook.remove()
+    (args, kwargs), = calls
+    assert kwargs["attention_mask"].dim() == 4
+    explained = torch._dynamo.explain(decoder)(*args, **kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_compile_model_switches_scope_and_refuses_a_model_without_a_decoder():
     model, _, _ = make_tiny("llama", layers=2)
     compile_model(model, "eager", "blocks")
