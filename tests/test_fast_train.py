@@ -381,24 +381,16 @@ def test_adamw_is_fused_on_a_gpu_unless_sharded(device):
     assert not adamw(params, 1e-3, sharded=True).defaults["fused"]
 
 
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_compile_model_compiles_each_transformer_block(monkeypatch, mode):
+def test_compile_model_compiles_each_block_or_the_decoder(monkeypatch, mode, scope):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    for family, block in (("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block")):
+    for family, block, decoder in (("llama", "LlamaDecoderLayer", "LlamaModel"), ("gpt2", "GPT2Block", "GPT2Model")):
         model, _, mem = make_tiny(family, layers=3)
-        assert compile_model(make_trainable(model, mem.all, mode, lora_rank=2)) == 3
-        assert compiled[-3:] == [block] * 3
-
-
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_compile_model_compiles_the_decoder_at_once(monkeypatch, mode):
-    compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    for family, decoder in (("llama", "LlamaModel"), ("gpt2", "GPT2Model")):
-        model, _, mem = make_tiny(family, layers=3)
-        assert compile_model(make_trainable(model, mem.all, mode, lora_rank=2), True, "decoder") == 1
-        assert compiled[-1] == decoder
+        expected = [block] * 3 if scope == "blocks" else [decoder]
+        assert compile_model(make_trainable(model, mem.all, mode, lora_rank=2), True, scope) == len(expected)
+        assert compiled[-len(expected):] == expected
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
