@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -262,3 +263,19 @@ def test_a_resumed_optimizer_keeps_its_own_implementation():
         opt.step()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, copies))
     assert int(fused.state[copies[0]]["step"]) == 3
+
+
+def test_train_lines_report_the_throughput_of_their_window(tmp_path, monkeypatch):
+    """``tokens_per_s`` is the tokens since the previous ``train`` line over the time since then (a clock that
+    ticks one second per reading: each window then lasts exactly one second)."""
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    run = train(config(tmp_path, "run", [*RIM, "train.log_every=2"]))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("grounding", "refinement"):
+        logged = [e for e in lines if e["event"] == "train" and e["stage"] == stage]
+        assert len(logged) == 3
+        previous = 0
+        for e in logged:
+            assert e["tokens_per_s"] == e["tokens"] - previous > 0
+            previous = e["tokens"]

@@ -361,7 +361,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     n_loss, tokens = (pos.log_batches, pos.log_tokens) if resumed is not None else (0, 0)
     loss_sum = torch.tensor(pos.log_loss if resumed is not None else 0.0, device=accelerator.device)
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss since the last check
-    start = time.perf_counter()
+    start = window_start = time.perf_counter()
+    window_tokens = 0  # tokens this process has processed since the last log line (or the start of this process)
     while step < total:
         sampler.epoch = pos.epoch
         for i, indices in enumerate(loader):
@@ -386,6 +387,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             loss_sum += loss.detach()
             n_loss += 1
             tokens += batch["input_ids"].numel()
+            window_tokens += batch["input_ids"].numel()
             pos.batch = i + 1
             if pos.batch == len(loader):
                 pos.epoch, pos.batch = pos.epoch + 1, 0
@@ -403,11 +405,16 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                     raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
                                         "after the last checkpoint was saved (lower the learning rate, then "
                                         "`rim train CONFIG --resume auto`)")
-            if step % cfg.train.log_every == 0 or stage_end:
+            logs = step % cfg.train.log_every == 0 or stage_end
+            if logs:
                 mean_loss = accelerator.reduce(loss_sum / n_loss, "mean").item()  # over processes too
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                # the item() above waited for the steps' kernels: the window's time is theirs
+                seen = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
+                speed = seen.item() / max(time.perf_counter() - window_start, 1e-9)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{speed:,.0f}")
                 log.write(event="train", stage=stage.name, step=pos.step, stage_step=step, loss=mean_loss,
-                          lr=scheduler.get_last_lr()[0], tokens=tokens, elapsed_s=time.perf_counter() - start)
+                          lr=scheduler.get_last_lr()[0], tokens=tokens, tokens_per_s=speed,
+                          elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
             if checkpointer.saves_at(pos.step, stage_end) or signum:  # the window goes into the checkpoint
@@ -417,6 +424,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
                 pos.log_loss, pos.log_batches, pos.log_tokens = 0.0, 0, 0
             checkpointer.on_step(model, pos, optimizer, scheduler, stage_end)
+            if logs:  # the next window starts here: selection and checkpoints are not training
+                window_tokens, window_start = 0, time.perf_counter()
             if signum:
                 if not checkpointer.saves_at(pos.step, stage_end):
                     checkpointer.save(model, pos, optimizer, scheduler)
