@@ -29,15 +29,18 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
         assert 0 < rows["supervised_tokens"] < rows["tokens"]
     ratios = results["ratios"]
     assert {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1", "ttft_coconut_over_rim_b2",
-            "train_stage1_rim_over_plain", "train_stage2_rim_over_plain", "masked_over_separate"} <= set(ratios)
+            "train_stage1_rim_over_plain", "train_stage2_rim_over_plain", "masked_over_separate",
+            "masked_over_separate_train"} <= set(ratios)
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     for i in (1, 2):  # the training target is on RiM's fastest measured step
         fastest = max(ratios[f"train_stage{i}_{name}_over_plain"] for name in ("full", "fused"))
         assert ratios[f"train_stage{i}_fastest_over_plain"] == max(fastest, ratios[f"train_stage{i}_rim_over_plain"])
     assert {t["ratio"] for t in results["targets"]} == {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1",
-                                                        "ttft_coconut_over_rim_b1", "masked_over_separate"}
+                                                        "ttft_coconut_over_rim_b1", "masked_over_separate",
+                                                        "masked_over_separate_train"}
     markdown = (tmp_path / "bench-tiny-all.md").read_text()
     assert "| ttft_cot_over_rim_b1 |" in markdown and markdown in capsys.readouterr().out
+    assert "All K readouts, with the backward: one masked pass" in markdown
 
 
 def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(tmp_path, monkeypatch):
