@@ -105,6 +105,37 @@ def test_the_shape_choices_are_the_benchmarked_shapes():
     assert set(shape.choices) == set(SHAPES)
 
 
+def test_a_compiled_row_that_fails_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch):
+    import rim.bench as bench
+    from rim.models.adapter import decoder_stack
+
+    real, hooks = bench.compile_model, []
+
+    def fail(*args):
+        raise RuntimeError("no kernel")
+
+    def compile_model(model, how, scope):
+        real(model, how, scope)
+        for hook in hooks:
+            hook.remove()
+        if scope == "decoder":  # as if inductor failed on the whole decoder
+            hooks.append(decoder_stack(model).register_forward_pre_hook(fail))
+
+    monkeypatch.setattr(bench, "compile_model", compile_model)
+    monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
+    run_bench("train", "tiny", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1, warmup=0,
+                                                              compile_train=("eager",),
+                                                              compile_scopes=("decoder", "blocks")))
+    results = json.loads((tmp_path / "bench-tiny-train.json").read_text())
+    rows = results["train"]["grounding"]
+    assert rows["rim_compiled_decoder_eager"] == {"error": "RuntimeError: no kernel"}
+    assert rows["rim_compiled_eager"]["tokens_per_s"] > 0
+    assert "train_stage1_compiled_eager_over_plain" in results["ratios"]
+    assert not any("decoder" in name for name in results["ratios"])
+    assert "| grounding | rim_compiled_decoder_eager | failed: RuntimeError: no kernel |" in \
+        (tmp_path / "bench-tiny-train.md").read_text()
+
+
 def test_compile_scope_is_checked():
     from rim.cli import compile_scopes
 

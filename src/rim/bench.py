@@ -25,6 +25,7 @@ import random
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -323,8 +324,13 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
             for name in ("rim_supervised", "plain"):  # the plain step through the same blocks: like for like
                 row = f"{name.split('_')[0]}_{suffix}"
                 skips = counters["inductor"]["cudagraph_skips"]
-                out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
-                if graphs:  # > 0: torch ran some blocks without graphs (its log says why)
+                try:
+                    out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
+                except Exception as err:  # one failing compile must not cost the other rows
+                    out[stage.name][row] = {"error": f"{type(err).__name__}: {err}"[:500]}
+                    traceback.print_exc()
+                    optimizer.zero_grad(set_to_none=True)
+                if graphs and "error" not in out[stage.name][row]:  # > 0: some blocks ran without graphs (see log)
                     out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 save()
     return out
@@ -420,7 +426,8 @@ def ratios(results: dict) -> dict[str, float]:
         out[f"readouts_k_decodes_over_one_pass_{key}"] = row["k_decodes_ms"] / row["one_pass_ms"]
     train = results.get("train") or {}  # rows measured so far (a run cut short has fewer)
     for i, stage in enumerate(("grounding", "refinement"), start=1):
-        speed = {name: row["tokens_per_s"] for name, row in train.get(stage, {}).items() if isinstance(row, dict)}
+        speed = {name: row["tokens_per_s"] for name, row in train.get(stage, {}).items()
+                 if isinstance(row, dict) and "tokens_per_s" in row}  # not the rows that failed
         rim = {name: value for name, value in speed.items() if name.startswith("rim_")}
         if "plain" not in speed or not rim:
             continue
@@ -559,6 +566,9 @@ def markdown(results: dict) -> str:
             rows = train.get(stage, {})
             for name, r in rows.items():
                 if not isinstance(r, dict):
+                    continue
+                if "error" in r:
+                    lines.append(f"| {stage} | {name} | failed: {r['error'].splitlines()[0][:200]} | - | - | - | - |")
                     continue
                 skipped = f" (CUDA graphs skipped {r['cudagraph_skips']}x)" if r.get("cudagraph_skips") else ""
                 tokens = f"{rows['tokens']} ({rows['supervised_tokens']})"
