@@ -105,7 +105,7 @@ def test_the_shape_choices_are_the_benchmarked_shapes():
     assert set(shape.choices) == set(SHAPES)
 
 
-def test_a_compiled_row_that_fails_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch):
+def test_a_compiled_row_that_fails_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch, capsys):
     import rim.bench as bench
     from rim.models.adapter import decoder_stack
 
@@ -123,12 +123,16 @@ def test_a_compiled_row_that_fails_is_recorded_and_the_others_are_measured(tmp_p
 
     monkeypatch.setattr(bench, "compile_model", compile_model)
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
-    run_bench("train", "tiny", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1, warmup=0,
-                                                              compile_train=("eager",),
-                                                              compile_scopes=("decoder", "blocks")))
+    assert main(["bench", "train", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--train-batch", "2", "--question-tokens", "12", "--compile-train", "eager",
+                 "--compile-scope", "decoder,blocks", "--out", str(tmp_path)]) == 1
+    assert "rows that failed (the others were measured): grounding/rim_compiled_decoder_eager, " in \
+        capsys.readouterr().err
     results = json.loads((tmp_path / "bench-tiny-train.json").read_text())
     rows = results["train"]["grounding"]
     assert rows["rim_compiled_decoder_eager"] == {"error": "RuntimeError: no kernel"}
+    assert rows["plain_compiled_decoder_eager"] == {"error": "not run: rim_compiled_decoder_eager failed before it"}
+    assert results["train"]["refinement"]["rim_compiled_decoder_eager"]["error"].startswith("not run")
     assert rows["rim_compiled_eager"]["tokens_per_s"] > 0
     assert "train_stage1_compiled_eager_over_plain" in results["ratios"]
     assert not any("decoder" in name for name in results["ratios"])

@@ -266,16 +266,24 @@ def test_a_resumed_optimizer_keeps_its_own_implementation():
 
 
 def test_train_lines_report_the_throughput_of_their_window(tmp_path, monkeypatch):
-    """``tokens_per_s`` is the tokens since the previous ``train`` line over the time since then (a clock that
-    ticks one second per reading: each window then lasts exactly one second)."""
-    ticks = iter(range(10_000))
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
-    run = train(config(tmp_path, "run", [*RIM, "train.log_every=2"]))
+    """``tokens_per_s`` is the tokens since the previous ``train`` line over the time since then, checkpoints left
+    out: a clock that ticks one second per reading and 1,000 during each checkpoint save."""
+    clock = [0.0]
+
+    def tick(seconds: float = 1.0) -> float:
+        clock[0] += seconds
+        return clock[0]
+
+    save = Checkpointer.save
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=tick))
+    monkeypatch.setattr(Checkpointer, "save", lambda *a: (save(*a), tick(1000.0)))
+    run = train(config(tmp_path, "run", [*RIM, "train.log_every=2", "train.save_every=3"]))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for stage in ("grounding", "refinement"):
         logged = [e for e in lines if e["event"] == "train" and e["stage"] == stage]
-        assert len(logged) == 3
-        previous = 0
-        for e in logged:
-            assert e["tokens_per_s"] == e["tokens"] - previous > 0
-            previous = e["tokens"]
+        tokens = [0, *(e["tokens"] for e in logged)]
+        deltas = [b - a for a, b in zip(tokens, tokens[1:])]
+        # lines at stage steps 2, 4 and the stage end (6 or 5); saves at steps 3 and 9 restart the second window,
+        # which then holds only step 4 of its two steps (the save at each stage's end comes after its line)
+        assert [e["tokens_per_s"] == d for e, d in zip(logged, deltas)] == [True, False, True]
+        assert 1 < logged[1]["tokens_per_s"] < deltas[1]

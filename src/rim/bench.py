@@ -318,21 +318,26 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
         compile_model(model, True if how == "default" else how, scope)
         suffix = "compiled" + ("" if scope == "blocks" else f"_{scope}") + (
             "" if how == "default" else f"_{how.replace('-', '_')}")
-        graphs = how in CUDA_GRAPH_MODES
+        graphs, failed = how in CUDA_GRAPH_MODES, None
         for stage, padded_batch in zip(stages, padded):
             losses = step_losses(model, method, padded_batch, stage)
             for name in ("rim_supervised", "plain"):  # the plain step through the same blocks: like for like
                 row = f"{name.split('_')[0]}_{suffix}"
+                if failed:  # its compiled code (and CUDA graphs) may be broken: the next mode starts afresh
+                    out[stage.name][row] = {"error": f"not run: {failed} failed before it"}
+                    continue
                 skips = counters["inductor"]["cudagraph_skips"]
                 try:
                     out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
-                except Exception as err:  # one failing compile must not cost the other rows
-                    out[stage.name][row] = {"error": f"{type(err).__name__}: {err}"[:500]}
+                except Exception as err:  # one failing compile must not cost the other modes' rows
+                    out[stage.name][row], failed = {"error": f"{type(err).__name__}: {err}"[:500]}, row
                     traceback.print_exc()
                     optimizer.zero_grad(set_to_none=True)
-                if graphs and "error" not in out[stage.name][row]:  # > 0: some blocks ran without graphs (see log)
+                    continue
+                if graphs:  # > 0: some blocks ran without graphs (torch's log says why)
                     out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 save()
+            save()
     return out
 
 
@@ -568,7 +573,8 @@ def markdown(results: dict) -> str:
                 if not isinstance(r, dict):
                     continue
                 if "error" in r:
-                    lines.append(f"| {stage} | {name} | failed: {r['error'].splitlines()[0][:200]} | - | - | - | - |")
+                    error = r["error"].splitlines()[0][:200].replace("|", "\\|")
+                    lines.append(f"| {stage} | {name} | failed: {error} | - | - | - | - |")
                     continue
                 skipped = f" (CUDA graphs skipped {r['cudagraph_skips']}x)" if r.get("cudagraph_skips") else ""
                 tokens = f"{rows['tokens']} ({rows['supervised_tokens']})"
@@ -581,7 +587,8 @@ def markdown(results: dict) -> str:
             if p is not None:
                 lines += ["", f"All K readouts, {what}: one masked pass ({p['masked_tokens']} tokens) "
                               f"{_fmt(p['one_masked_ms'])} ms; K separate passes ({p['separate_tokens']} tokens) "
-                              f"{_fmt(p['separate_ms'])} ms.", ""]
+                              f"{_fmt(p['separate_ms'])} ms."]
+        lines.append("")
     lines += ["| ratio | value |", "|---|---|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in results["ratios"].items()]
     if results["targets"]:

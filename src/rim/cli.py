@@ -93,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     run_compare(spec or demo_spec_path(), overrides, retrain=args.retrain)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     from rim.bench import BenchSettings, markdown, run_bench
 
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
@@ -104,6 +104,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
+    failed = [f"{stage}/{name}" for stage, rows in (results.get("train") or {}).items() if isinstance(rows, dict)
+              for name, row in rows.items() if isinstance(row, dict) and "error" in row]
+    if failed:
+        print(f"rim: error: rows that failed (the others were measured): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
@@ -362,13 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     from rim.train.state import CheckpointError
 
     try:
-        args.func(args)
+        code = args.func(args)  # None, or a command's own exit status
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
     finally:
         leave_process_group()
-    return 0
+    return code or 0
 
 
 def leave_process_group() -> None:

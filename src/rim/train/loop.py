@@ -399,9 +399,9 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             bar.update(1)
             stage_end = step == total
             signum = stop.agreed(accelerator)  # the same on every process, read once per step
-            if step % cfg.train.log_every == 0 or stage_end or checkpointer.saves_at(pos.step, stage_end) \
-                    or signum:
-                if accelerator.reduce(bad.float(), "sum") > 0:  # host sync at log intervals and before saving
+            works = checkpointer.works_at(pos.step, stage_end)  # saves or selects after this step
+            if step % cfg.train.log_every == 0 or stage_end or works or signum:
+                if accelerator.reduce(bad.float(), "sum") > 0:  # host sync at log intervals, saves and selections
                     raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
                                         "after the last checkpoint was saved (lower the learning rate, then "
                                         "`rim train CONFIG --resume auto`)")
@@ -409,7 +409,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             if logs:
                 mean_loss = accelerator.reduce(loss_sum / n_loss, "mean").item()  # over processes too
                 # the item() above waited for the steps' kernels: the window's time is theirs
-                seen = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
+                seen = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum")
                 speed = seen.item() / max(time.perf_counter() - window_start, 1e-9)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{speed:,.0f}")
                 log.write(event="train", stage=stage.name, step=pos.step, stage_step=step, loss=mean_loss,
@@ -424,7 +424,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
                 pos.log_loss, pos.log_batches, pos.log_tokens = 0.0, 0, 0
             checkpointer.on_step(model, pos, optimizer, scheduler, stage_end)
-            if logs:  # the next window starts here: selection and checkpoints are not training
+            if logs or works:  # the next window starts here: selection and checkpoints are not training
                 window_tokens, window_start = 0, time.perf_counter()
             if signum:
                 if not checkpointer.saves_at(pos.step, stage_end):
@@ -545,10 +545,18 @@ class Checkpointer:
         every = self.cfg.train.save_every
         return bool(every) and (step % every == 0 or stage_end)
 
+    def selects_at(self, step: int, stage_end: bool) -> bool:
+        """Whether ``on_step`` scores the selection split at this step."""
+        every = self.cfg.eval.every
+        return bool(self.examples) and (bool(every and step % every == 0) or stage_end)
+
+    def works_at(self, step: int, stage_end: bool) -> bool:
+        """Whether ``on_step`` does anything at this step (the same answer on every process)."""
+        return self.saves_at(step, stage_end) or self.selects_at(step, stage_end)
+
     def on_step(self, model, pos: Position, optimizer, scheduler, stage_end: bool = False) -> None:
         """Called after every optimizer step (``pos.step`` counts over all stages)."""
-        every = self.cfg.eval.every
-        if self.examples and ((every and pos.step % every == 0) or stage_end):
+        if self.selects_at(pos.step, stage_end):
             self.select(model, pos.step)  # first, so the checkpoint below holds this step's best score
         if self.saves_at(pos.step, stage_end):
             self.save(model, pos, optimizer, scheduler)
