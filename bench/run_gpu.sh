@@ -12,8 +12,9 @@
 # (dynamic KV cache, plus static cache and compiled decoding steps for No-CoT and RiM), all K readouts against K
 # decodes, and the training step (all weights trainable, as the H200 check): plain HF against RiM with
 # full, supervised and fused logits, then compiled in reduce-overhead (CUDA graphs) and then the default mode,
-# each with the whole decoder at once and with each block on its own. The tests include training through CUDA graphs on the GPU
-# against eager training.
+# each with the whole decoder at once and with each block on its own; one more step of each training row runs
+# under torch.profiler (kernels, kernel time, the fraction of the step the GPU was busy). The tests include
+# training through CUDA graphs on the GPU against eager training.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/rim-bench}; mkdir -p "$OUT"
@@ -32,7 +33,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 for shape in "${shapes[@]}"; do
   timeout "${SHAPE_TIMEOUT:-400}" python3 -m rim.cli bench "$SUITE" --shape "$shape" --train-mode full \
-    --compile-train reduce-overhead,default --compile-scope decoder,blocks \
+    --compile-train reduce-overhead,default --compile-scope decoder,blocks --profile \
     --static-cache --compile ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench-$shape.log" 2>&1
   echo "$shape rc=$?" | tee -a "$OUT/bench-$shape.log"
   cat "$OUT/bench-$shape-$SUITE.md" 2>/dev/null

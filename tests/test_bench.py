@@ -84,7 +84,7 @@ def test_bench_times_both_steps_through_each_compile_scope_and_mode(tmp_path, mo
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
     assert main(["bench", "train", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1",
                  "--train-batch", "2", "--question-tokens", "12", "--compile-train", "aot_eager,eager",
-                 "--compile-scope", "blocks,decoder", "--out", str(tmp_path)]) == 0
+                 "--compile-scope", "blocks,decoder", "--profile", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "bench-tiny-train.json").read_text())
     assert results["settings"]["compile_scopes"] == ["blocks", "decoder"]
     compiled = {f"{step}_compiled{scope}{mode}" for step in ("rim", "plain") for scope in ("", "_decoder")
@@ -97,6 +97,12 @@ def test_bench_times_both_steps_through_each_compile_scope_and_mode(tmp_path, mo
     assert {"train_stage1_compiled_decoder_aot_eager_over_plain", "train_stage2_compiled_decoder_eager_over_plain",
             "train_stage1_compiled_decoder_eager_over_plain_compiled_decoder_eager"} <= set(ratios)
     assert ratios["train_stage1_fastest_over_plain"] >= ratios["train_stage1_compiled_decoder_eager_over_plain"]
+    # --profile: one more step of each row under torch.profiler; a CPU has no kernels to count
+    profiles = {name: row["profile"] for name, row in results["train"]["grounding"].items() if isinstance(row, dict)}
+    assert set(profiles) == {"plain", "rim_full", "rim_supervised", "rim_fused"} | compiled
+    assert all(p["wall_ms"] > 0 and p["aten_ops"] > 0 and p["kernels"] == 0 and p["device_busy"] is None
+               for p in profiles.values())
+    assert "| grounding | rim_supervised |" in (tmp_path / "bench-tiny-train.md").read_text().split("torch.profiler")[1]
 
 
 def test_the_shape_choices_are_the_benchmarked_shapes():

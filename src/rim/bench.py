@@ -116,6 +116,7 @@ class BenchSettings:
     # the compiled rows' batches are padded to a multiple of this (train.pad_to_multiple, which CUDA graphs need):
     # both stages then have one length, compiled once; their tokens/s count the unpadded tokens
     compile_pad: int = 16
+    profile: bool = False  # train: also profile one more step of each row (where the time goes: host or device)
     warmup: int = 2
     repeats: int = 10
     seed: int = 0
@@ -124,6 +125,30 @@ class BenchSettings:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def profile_step(fn: Callable[[], object], device: torch.device) -> dict:
+    """One run of ``fn`` under ``torch.profiler``: its wall time (profiler overhead included), the top-level aten
+    operators the host dispatched (compiled code's own kernels are not operators), and on a GPU the kernels the
+    profiler saw and their summed time; ``device_busy`` = that time over the wall time. A step whose device is busy
+    a small fraction of its time is bound by the host issuing work, not by the device doing it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall_ms = 1e3 * (time.perf_counter() - start)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+           and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    device_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    return {"wall_ms": wall_ms, "aten_ops": len(ops), "kernels": len(kernels), "device_ms": device_ms,
+            "device_busy": device_ms / wall_ms if device.type == "cuda" else None}
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -289,10 +314,13 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
 
     def measure(loss_fn: Callable[[], torch.Tensor], tokens: int, graphs: bool = False) -> dict:
         reset_peak_memory(device)
-        seconds = statistics.median(timed(partial(train_step, loss_fn, optimizer, autocast, graphs), device,
-                                          s.warmup, s.repeats))
-        return {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(device),
-                "mfu": mfu(n_params, tokens / seconds, device)}
+        step = partial(train_step, loss_fn, optimizer, autocast, graphs)
+        seconds = statistics.median(timed(step, device, s.warmup, s.repeats))
+        row = {"step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(device),
+               "mfu": mfu(n_params, tokens / seconds, device)}
+        if s.profile:  # after the timed runs, which it does not slow
+            row["profile"] = profile_step(step, device)
+        return row
 
     for stage, batch in zip(stages, batches):
         tokens = batch["input_ids"].numel()
@@ -582,6 +610,14 @@ def markdown(results: dict) -> str:
                     tokens += f", padded to {rows['padded_tokens']}"
                 lines.append(f"| {stage} | {name}{skipped} | {tokens} | {_fmt(r['step_ms'])} | "
                              f"{r['tokens_per_s']:,.0f} | {_fmt(r['peak_memory_mb'], 0)} | {_fmt(r['mfu'], 3)} |")
+        profiled = [(stage, name, r["profile"]) for stage in ("grounding", "refinement")
+                    for name, r in train.get(stage, {}).items() if isinstance(r, dict) and "profile" in r]
+        if profiled:
+            lines += ["", "One more step of each row under torch.profiler (wall time with the profiler's overhead):",
+                      "", "| stage | step | wall ms | aten ops (top level) | kernels | kernel ms | device busy |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {stage} | {name} | {_fmt(p['wall_ms'])} | {p['aten_ops']} | {p['kernels']} | "
+                      f"{_fmt(p['device_ms'])} | {_fmt(p['device_busy'])} |" for stage, name, p in profiled]
         for key, what in (("masked_vs_separate", "forward only"), ("masked_vs_separate_train", "with the backward")):
             p = train.get(key)
             if p is not None:

@@ -100,7 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
                              repeats=args.repeats, static_cache=args.static_cache,
                              compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train),
-                             compile_scopes=compile_scopes(args.compile_scope, args.compile_train))
+                             compile_scopes=compile_scopes(args.compile_scope, args.compile_train),
+                             profile=args.profile)
     results = run_bench(args.suite, args.shape, args.device, args.out, settings)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: also RiM's and the plain step torch.compile'd (see --compile-scope), in each of "
                         "these comma-separated modes (default when none is given; e.g. default,reduce-overhead): rows "
                         "rim_compiled and rim_compiled_<mode>; the compiling happens in the warm-up runs")
+    p.add_argument("--profile", action="store_true",
+                   help="train: also profile one more step of each row (torch.profiler): operators the host "
+                        "dispatched, kernels, kernel time and the fraction of the step the device was busy")
     p.add_argument("--compile-scope", default=None, metavar="SCOPES",
                    help="with --compile-train: what is compiled, comma-separated: blocks (each transformer block, "
                         "as train.compile_scope's default) and/or decoder (the whole stack at once: rows "
