@@ -287,9 +287,11 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
                 out: dict | None = None, save: Callable[[], None] = lambda: None) -> dict:
     """Tokens/s, step time and peak memory of the plain HF step and of RiM's step (full logits, supervised logits,
     fused loss) on each stage's batch; then one masked pass over K readouts against K separate passes (forward
-    only); last, for each mode of ``s.compile_train``, RiM's step (supervised logits) and the plain step through
-    compiled blocks (the target compares RiM's fastest step with the eager plain step, as the issue defines it;
-    the compiled plain step shows how much of that is compiling alone).
+    only, then with the loss's backward); last, for each mode of ``s.compile_train`` and each scope of
+    ``s.compile_scopes``, RiM's step (supervised logits) and the plain step compiled, on the batch padded to a
+    multiple of ``s.compile_pad`` (the target compares RiM's fastest step with the eager plain step, as the issue
+    defines it; the compiled plain step shows how much of that is compiling alone). A compiled row that fails is
+    recorded with its error, and the rest of its mode and scope as not run.
     Fills ``out`` row by row and calls ``save`` after each row: a run cut short keeps what it measured."""
     n_params = sum(p.numel() for p in model.parameters())
     model = make_trainable(model, new_ids, mode, lora_rank=128)
@@ -351,21 +353,20 @@ def bench_train(model, tokenizer, new_ids: list[int], s: BenchSettings, device: 
             losses = step_losses(model, method, padded_batch, stage)
             for name in ("rim_supervised", "plain"):  # the plain step through the same blocks: like for like
                 row = f"{name.split('_')[0]}_{suffix}"
+                skips = counters["inductor"]["cudagraph_skips"]
                 if failed:  # its compiled code (and CUDA graphs) may be broken: the next mode starts afresh
                     out[stage.name][row] = {"error": f"not run: {failed} failed before it"}
-                    continue
-                skips = counters["inductor"]["cudagraph_skips"]
-                try:
-                    out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
-                except Exception as err:  # one failing compile must not cost the other modes' rows
-                    out[stage.name][row], failed = {"error": f"{type(err).__name__}: {err}"[:500]}, row
-                    traceback.print_exc()
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                if graphs:  # > 0: some blocks ran without graphs (torch's log says why)
-                    out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+                else:
+                    try:
+                        out[stage.name][row] = measure(losses[name], out[stage.name]["tokens"], graphs)
+                    except Exception as err:  # one failing compile must not cost the other modes' rows
+                        out[stage.name][row], failed = {"error": f"{type(err).__name__}: {err}"[:500]}, row
+                        traceback.print_exc()
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        if graphs:  # > 0: some blocks ran without graphs (torch's log says why)
+                            out[stage.name][row]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 save()
-            save()
     return out
 
 

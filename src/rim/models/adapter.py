@@ -326,13 +326,18 @@ def tied_names(model: nn.Module) -> dict[str, str]:
             if first.setdefault(id(t), name) != name}
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model behind a DDP and a peft wrapper (either, both or none)."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
     """The model's transformer blocks (instances of the classes HF lists in ``_no_split_modules``), through DDP and
     peft wrappers; an error naming the ``train.`` switch that needs them where the model lists none."""
-    inner = getattr(model, "module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = hf_model(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
-    blocks = [m for m in inner.modules() if type(m).__name__ in names]
+    blocks = [m for m in base.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"{type(base).__name__} names no transformer block class (_no_split_modules); "
                          f"set train.{switch}=false")
@@ -345,8 +350,7 @@ COMPILE_SCOPES = ("blocks", "decoder")
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The model without its LM head (HF ``get_decoder``: embeddings, blocks, final norm), through DDP and peft
     wrappers; an error naming ``train.compile_scope`` where the model has none apart from its head."""
-    inner = getattr(model, "module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = hf_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base or not isinstance(decoder, nn.Module):
         raise ValueError(f"{type(base).__name__} has no decoder apart from its LM head (get_decoder); set "

@@ -399,7 +399,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             bar.update(1)
             stage_end = step == total
             signum = stop.agreed(accelerator)  # the same on every process, read once per step
-            works = checkpointer.works_at(pos.step, stage_end)  # saves or selects after this step
+            saves = checkpointer.saves_at(pos.step, stage_end)
+            works = saves or checkpointer.selects_at(pos.step, stage_end)  # on_step does something after this step
             if step % cfg.train.log_every == 0 or stage_end or works or signum:
                 if accelerator.reduce(bad.float(), "sum") > 0:  # host sync at log intervals, saves and selections
                     raise NonFiniteLoss(f"non-finite loss in stage {stage.name!r} by step {pos.step}; nothing "
@@ -417,7 +418,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                           elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
-            if checkpointer.saves_at(pos.step, stage_end) or signum:  # the window goes into the checkpoint
+            if saves or signum:  # the window goes into the checkpoint
                 pos.log_loss = accelerator.reduce(loss_sum, "mean").item() if n_loss else 0.0
                 pos.log_batches, pos.log_tokens = n_loss, tokens
             if stage_end:  # a checkpoint here resumes at the start of the next stage
@@ -427,7 +428,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             if logs or works:  # the next window starts here: selection and checkpoints are not training
                 window_tokens, window_start = 0, time.perf_counter()
             if signum:
-                if not checkpointer.saves_at(pos.step, stage_end):
+                if not saves:
                     checkpointer.save(model, pos, optimizer, scheduler)
                 raise Interrupted(f"stopped by signal {signum} after step {pos.step}; checkpoint "
                                   f"checkpoints/step-{pos.step} written; continue with `--resume auto`", signum)
@@ -549,10 +550,6 @@ class Checkpointer:
         """Whether ``on_step`` scores the selection split at this step."""
         every = self.cfg.eval.every
         return bool(self.examples) and (bool(every and step % every == 0) or stage_end)
-
-    def works_at(self, step: int, stage_end: bool) -> bool:
-        """Whether ``on_step`` does anything at this step (the same answer on every process)."""
-        return self.saves_at(step, stage_end) or self.selects_at(step, stage_end)
 
     def on_step(self, model, pos: Position, optimizer, scheduler, stage_end: bool = False) -> None:
         """Called after every optimizer step (``pos.step`` counts over all stages)."""
