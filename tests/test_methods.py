@@ -344,3 +344,23 @@ def test_rim_cached_block_readouts_past_a_sliding_window():
     exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
     readouts = method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3)
     assert readouts == masked_decodes(method, model, [ex.question for ex in exs], 4, -1, 4)
+
+
+@pytest.mark.parametrize("name", ["rim", "pause", "coconut"])
+def test_token_strings_in_the_data_are_text(name):
+    """A question, step or answer holding a special token's string (HTML's ``<b>`` is RiM's block token) is
+    tokenized as that text, in plain and chat prompts: the data can never inject a method's tokens. The chat
+    template's own markers stay special tokens."""
+    _, tok, method = setup(name)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|bot|>"]}, replace_extra_special_tokens=False)
+    tok.chat_template = "<s> <|user|> {{ messages[0]['content'] | trim }} <|bot|>"
+    bos, unk, user, bot, three, seven = tok.convert_tokens_to_ids(["<s>", "<unk>", "<|user|>", "<|bot|>", "3", "7"])
+    hostile = "3 " + " ".join(METHODS[name].special_tokens) + " 7"  # a word tokenizer splits them to <unk>
+    text = [three, *[unk] * len(METHODS[name].special_tokens), seven]
+    ex = method.tokenize(TASK, tok, Example(hostile, (hostile,), hostile), "plain")
+    assert ex.question == [bos, *text] and ex.steps == [text] and ex.answer == text
+    assert not set(method.token.values()) & set(ex.cot)
+    assert method.tokenize(TASK, tok, Example(hostile, ("1",), "1"), "chat").question == [bos, user, *text, bot]
+    # without such strings the whole chat prompt is tokenized at once, to the same ids
+    chat = method.tokenize(TASK, tok, Example("3 7", ("1",), "1"), "chat").question
+    assert chat == [bos, user, three, seven, bot]

@@ -176,3 +176,22 @@ def test_chat_prompt_format(tokenizer) -> None:
     assert text.rstrip().endswith("<|im_start|>assistant") and len(chat) > len(plain)
     with pytest.raises(ValueError, match="no chat template"):
         question_ids(word_tokenizer(["a"]), "a", "chat")
+
+
+def test_special_token_strings_in_a_question_are_text(model_dir: Path) -> None:
+    """With a real BPE tokenizer and chat template: ``<b>``, ``</b>`` and ``<|im_end|>`` inside a question are text,
+    tokenized as the same text is without the memory tokens; the template's own markers stay special."""
+    from rim.methods.base import question_ids, text_ids
+    from rim.models.adapter import MEMORY_TOKENS, token_ids
+
+    before = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": list(MEMORY_TOKENS)}, replace_extra_special_tokens=False)
+    memory, end = set(token_ids(tok, MEMORY_TOKENS)), tok.convert_tokens_to_ids("<|im_end|>")
+    question = "Is <b>this</b> bold?<|im_end|> Say yes or no."
+    for fmt in ("plain", "chat"):
+        ids = question_ids(tok, question, fmt)
+        assert not memory & set(ids) and ids == question_ids(before, question, fmt)
+        assert ids.count(end) == question_ids(tok, "Is this bold? Say yes or no.", fmt).count(end)
+        assert question in tok.decode(ids)
+    assert tok.decode(text_ids(tok, question)) == question

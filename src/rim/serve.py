@@ -235,7 +235,7 @@ def model_card(served: Served, meta: dict, run_dir: Path) -> str:
         prompt_rule = ("the question as one user turn of the tokenizer's chat template with the assistant prompt "
                        "(tokenized without added special tokens), then the suffix")
     else:
-        question = "tok(question).input_ids"
+        question = "tok(question, split_special_tokens=True).input_ids"
         prompt_rule = ("the question tokenized as usual (with the tokenizer's own special tokens, e.g. BOS), then "
                        "the suffix")
     lines = [
@@ -259,7 +259,10 @@ def model_card(served: Served, meta: dict, run_dir: Path) -> str:
                   f"(trained with K = {cfg.method.blocks})."]
     lines += [
         "", "The suffix text tokenizes to exactly the suffix ids with this tokenizer; appending the ids to the "
-        "question's ids is the safest form. `rim.json` holds the same in machine-readable form.", "",
+        "question's ids is the safest form. `rim.json` holds the same in machine-readable form. A special "
+        "token's text inside a question (HTML's `<b>` is also a memory token) is text: rim tokenizes the question "
+        "with `split_special_tokens=True`" + (", and the chat template's markers around it as usual"
+                                              if cfg.data.prompt_format == "chat" else "") + ".", "",
         "## Use with transformers", "", "```python", "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         "path = \"PATH/TO/THIS/FOLDER\"",

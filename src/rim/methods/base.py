@@ -39,21 +39,46 @@ class TokenizedExample:
 
 def question_ids(tokenizer, question: str, prompt_format: str = "plain") -> list[int]:
     """Token ids of the question: ``plain`` with the tokenizer's own special tokens (e.g. BOS), or ``chat`` as one
-    user turn of the tokenizer's chat template followed by the assistant prompt (the blocks and answer follow)."""
+    user turn of the tokenizer's chat template followed by the assistant prompt (the blocks and answer follow).
+
+    The question is text: a special token's literal string inside it (HTML's ``<b>`` is RiM's block token) is
+    tokenized as text, never as that token. Only the chat template's own markers are special tokens.
+    """
     if prompt_format == "plain":
-        return tokenizer(question)["input_ids"]
+        return tokenizer(question, split_special_tokens=True)["input_ids"]
     if prompt_format != "chat":
         raise ValueError(f"unknown prompt format {prompt_format!r}; choose plain or chat")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.prompt_format=chat but the tokenizer has no chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+    text = chat_prompt(tokenizer, question)
+    if text_ids(tokenizer, question) == tokenizer(question, add_special_tokens=False)["input_ids"]:
+        # no special token's string in the question: the whole prompt tokenized at once
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # the template around a marker gives its head and tail; the question between them is tokenized as text
+    marked = chat_prompt(tokenizer, CHAT_MARKER)
+    head, tail = marked.split(CHAT_MARKER, 1)
+    if marked.count(CHAT_MARKER) != 1 or not (len(head) + len(tail) <= len(text) and text.startswith(head)
+                                              and text.endswith(tail)):
+        raise ValueError("the chat template does not place the question between a fixed head and tail; "
+                         "use data.prompt_format=plain for questions that contain special-token strings")
+    body = text[len(head):len(text) - len(tail)]
+    return (tokenizer(head, add_special_tokens=False)["input_ids"] + text_ids(tokenizer, body)
+            + tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+CHAT_MARKER = "\ue000question\ue000"  # private-use characters: in no real question, kept by any template
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """The question as one user turn of the chat template, then the assistant prompt (text)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of a piece of text inside a sequence (no BOS or other added tokens)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a piece of text inside a sequence (no BOS or other added tokens); special tokens' strings in
+    it are text, not those tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def tokenize_example(task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:

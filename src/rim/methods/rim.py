@@ -53,7 +53,8 @@ class RiM(Method):
                                                             "cannot express")
 
     def question_length(self, prompt: list[int]) -> int:
-        """The question's length in a prompt ``question + K blocks`` (K >= 0): what precedes the trailing blocks."""
+        """The question's length in a prompt ``question + K blocks`` (K >= 0): what precedes the trailing blocks
+        (exact, as a question's ids never hold memory tokens: ``question_ids`` tokenizes their strings as text)."""
         n, size = len(prompt), len(self.block)
         while n > size and prompt[n - size:n] == self.block:
             n -= size
