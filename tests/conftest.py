@@ -23,6 +23,27 @@ def make_tiny(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
     return model.eval(), tok, mem
 
 
+WINDOWED = ["mistral", "gemma3_text"]  # every layer sliding; sliding and full layers mixed
+
+
+def make_windowed(kind: str, attn: str = "sdpa", window: int = 4):
+    """Like ``make_tiny``, for a model with sliding-window attention layers of ``window`` keys."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = word_tokenizer(WORDS)
+    extra = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "head_dim": 8} \
+        if kind == "gemma3_text" else {}
+    config = AutoConfig.for_model(kind, vocab_size=len(tok), hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                  sliding_window=window, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    mem = add_memory_tokens(tok, model)
+    return model.eval(), tok, mem
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request):
     return make_tiny(request.param)

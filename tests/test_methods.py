@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import FAMILIES, WORDS
+from conftest import FAMILIES, WINDOWED, WORDS, make_windowed
 from rim.config import MethodConfig, StageConfig, load_config
 from rim.core.batch import collate
 from rim.core.layout import BLOCK, READOUT, Readout, build_layout
@@ -232,12 +232,12 @@ def test_stage_kinds_are_checked_per_method():
         load_config(None, ["method.name=codi"])
 
 
-def spread(model):
+def spread(model, std: float = 0.3):
     """Larger random weights: greedy outputs that depend on the input (not one token repeated)."""
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
         for p in model.parameters():
-            p.normal_(0, 0.3)
+            p.normal_(0, std)
     return model
 
 
@@ -326,24 +326,22 @@ def test_only_prompt_plus_plain_decoding_counts_as_plain():
     assert "hidden states" in setup("coconut")[2].plain_decoding()
 
 
-def test_rim_cached_block_readouts_past_a_sliding_window():
-    """A model with sliding-window layers whose cache would keep only the window: the all-block readouts still
-    follow the RiM mask over the whole sequence (as training does), and do not fail on the mask's width."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("sees_question", [True, False])
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_rim_cached_block_readouts_past_a_sliding_window(kind, sees_question):
+    """A model with sliding-window layers, whose cache would keep only the window, and readouts past it: the
+    all-block readouts apply the windows by position (as training does) and equal K separate decodes, where the
+    model applies them itself."""
+    from rim.methods.base import Method
 
-    tok = word_tokenizer(WORDS)
-    config = AutoConfig.for_model("mistral", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                  sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    add_tokens(tok, model, METHODS["rim"].special_tokens)
-    method = make_method(MethodConfig(name="rim", memory_tokens=2), tok)
-    spread(model.eval())
+    model, tok, _ = make_windowed(kind, window=6)
+    method = make_method(MethodConfig(name="rim", memory_tokens=2, readout_sees_question=sees_question), tok)
+    spread(model, 0.05 if kind == "gemma3_text" else 0.3)  # Gemma's (1 + w) norms saturate at 0.3
     exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
     readouts = method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3)
     assert readouts == masked_decodes(method, model, [ex.question for ex in exs], 4, -1, 4)
+    assert readouts == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3)
+    assert len({tuple(map(tuple, r)) for r in readouts}) > 1
 
 
 @pytest.mark.parametrize("name", ["rim", "pause", "coconut"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny
+from conftest import FAMILIES, WINDOWED, make_tiny, make_windowed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from rim.config import StageConfig
 from rim.core.batch import collate
@@ -76,6 +76,34 @@ def test_one_masked_pass_equals_separate_inference_passes(tiny, stage):
                 and not (j > k)]
         assert [layout.input_ids[i] for i in keep] == seq
         assert torch.allclose(masked[keep], alone, atol=1e-5), f"readout {k} differs from its inference pass"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_sliding_window_layers_see_in_one_masked_pass_what_they_see_alone(kind, attn):
+    """Sequences longer than the window: the one masked pass still equals each readout's inference pass, where
+    the model applies its own sliding windows (by position: readouts sit side by side in the masked pass)."""
+    from rim.models.adapter import sliding_window
+
+    model, _, mem = make_windowed(kind, attn, window=4)
+    assert sliding_window(model) == (4, kind == "gemma3_text")
+    check_custom_mask_support(model)
+    layout = grounding_example(mem)
+    masked = logits_of(model, layout)
+    for k, readout in enumerate(layout.readouts, start=1):
+        seq = QUESTION + mem.block(2) * k + readout.ids
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([seq])).logits[0]
+        keep = [i for i, (s, j) in enumerate(zip(layout.segment, layout.index)) if not (s == READOUT and j != k)
+                and not (j > k)]
+        assert torch.allclose(masked[keep], alone, atol=1e-5), f"readout {k} differs from its inference pass"
+
+
+def test_layers_a_mask_cannot_steer_are_refused():
+    model, _, _ = make_tiny("llama")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        check_custom_mask_support(model)
 
 
 def _prompts(mem):

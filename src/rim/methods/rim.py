@@ -97,15 +97,19 @@ class RiM(Method):
         if self.cfg.readout_sees_question:
             sees |= (segment == QUESTION)[:, None]
         own = torch.eye(blocks, dtype=torch.bool).repeat(1, max_new_tokens - 1).expand(n, -1, -1)
-        step_mask = model_mask(torch.cat([sees, own], dim=2).to(device), model)  # (n, 1, K, L + K (T - 1))
+        sees = torch.cat([sees, own], dim=2).to(device)  # (n, K, L + K (T - 1)): the columns of the last step
+        positions = batch["position_ids"].to(device)
+        starts = ends.to(device)  # (n, K): the position of each readout's first token
+        # the position of every cache column: the prefix's, then each step's K tokens (sliding windows need them)
+        columns = torch.cat([positions, (starts[:, None] + torch.arange(max_new_tokens - 1, device=device)[:, None])
+                             .flatten(1)], dim=1)
         cache_arg, keep = cache_argument(model), anchors.to(device)
         # a cache of full layers: the 4-D masks span every column, which a sliding-window layer's cache would drop
         with logits_at(model, keep):
-            out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                        attention_mask=model_mask(attention_mask(segment, index).to(device), model), use_cache=True,
+            out = model(input_ids=batch["input_ids"].to(device), position_ids=positions, use_cache=True,
+                        attention_mask=model_mask(attention_mask(segment, index).to(device), model, positions),
                         **{cache_arg: DynamicCache()})
         logits, past = check_kept(out.logits, keep).view(n, blocks, -1), out[cache_arg]
-        starts = ends.to(device)  # (n, K): the position of each readout's first token
         tokens = torch.full((n, blocks, max_new_tokens), eos_id, device=device)
         done = torch.zeros(n, blocks, dtype=torch.bool, device=device)
         for j in range(max_new_tokens):
@@ -114,7 +118,8 @@ class RiM(Method):
             done |= token == eos_id
             if j == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: the price of stopping early
                 break
+            width = length + blocks * (j + 1)
             out = model(input_ids=token, position_ids=starts + j, use_cache=True, **{cache_arg: past},
-                        attention_mask=step_mask[..., :length + blocks * (j + 1)])
+                        attention_mask=model_mask(sees[..., :width], model, starts + j, columns[:, :width]))
             logits, past = out.logits, out[cache_arg]
         return [[r[:r.index(eos_id)] if eos_id in r else r for r in rows] for rows in tokens.tolist()]

@@ -110,6 +110,10 @@ def check_custom_mask_support(model: nn.Module) -> None:
     hint = "load the model with attn_implementation='sdpa' or 'eager'"
     if backend in MASK_IGNORING_BACKENDS:
         raise ValueError(f"attention backend {backend!r} ignores RiM's custom attention mask; {hint}")
+    other = set(getattr(model.config.get_text_config(), "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES)
+    if other:
+        raise ValueError(f"{type(model).__name__} has layers of type {', '.join(sorted(other))}, which an attention "
+                         f"mask does not fully steer; RiM needs {' or '.join(ATTENTION_LAYER_TYPES)} layers only")
     was_training = model.training
     model.eval()
     try:
@@ -119,10 +123,11 @@ def check_custom_mask_support(model: nn.Module) -> None:
         causal = attention_mask(seg, seg)  # all-question sequence: plain causal
         hidden = causal.clone()
         hidden[0, 3, 1] = False
+        positions = torch.arange(4, device=device)[None]
         with torch.no_grad():
             plain = model(input_ids=ids).logits[0, -1].float()
-            ours = model(input_ids=ids, attention_mask=model_mask(causal, model)).logits[0, -1].float()
-            blocked = model(input_ids=ids, attention_mask=model_mask(hidden, model)).logits[0, -1].float()
+            ours = model(input_ids=ids, attention_mask=model_mask(causal, model, positions)).logits[0, -1].float()
+            blocked = model(input_ids=ids, attention_mask=model_mask(hidden, model, positions)).logits[0, -1].float()
     finally:
         model.train(was_training)
     tol = 1e-3 * plain.abs().max().item() + 1e-5
@@ -165,13 +170,41 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.attention_dropout = p
 
 
-def model_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Boolean (B, L, L) mask -> the 4-D mask a HF model takes as-is: boolean for SDPA and other backends,
-    additive float for ``eager``, which adds the mask to the scores (a boolean would silently add 0/1)."""
-    model = getattr(model, "module", model)  # DistributedDataParallel hides the HF model's attributes
-    if getattr(model.config, "_attn_implementation", None) == "eager":
-        return additive_mask(mask, model.get_input_embeddings().weight.dtype)
-    return mask.unsqueeze(1)
+def model_mask(mask: torch.Tensor, model: nn.Module, positions: torch.Tensor,
+               key_positions: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Boolean (B, Lq, Lk) mask -> the attention mask a HF model takes as-is: 4-D, boolean for SDPA and other
+    backends, additive float for ``eager``, which adds the mask to the scores (a boolean would silently add 0/1).
+
+    Sliding-window layers (``sliding_window``) also hide every key ``window`` or more positions behind its query,
+    as the model's own causal masks do, so a readout sees in training what it sees when decoded alone.
+    ``positions`` (B, Lq) are the queries' position ids, ``key_positions`` (B, Lk) the keys' (default the same).
+    A model that mixes sliding and full layers gets one mask per layer type (a dict, as HF's models take it)."""
+    window, mixed = sliding_window(model)
+    dtype = hf_model(model).get_input_embeddings().weight.dtype
+    eager = getattr(hf_model(model).config, "_attn_implementation", None) == "eager"
+
+    def as_given(m: torch.Tensor) -> torch.Tensor:
+        return additive_mask(m, dtype) if eager else m.unsqueeze(1)
+
+    if window is None:
+        return as_given(mask)
+    keys = positions if key_positions is None else key_positions
+    near = mask & (positions[:, :, None] - keys[:, None, :] < window)
+    return {"full_attention": as_given(mask), "sliding_attention": as_given(near)} if mixed else as_given(near)
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_window(model: nn.Module) -> tuple[int | None, bool]:
+    """(window, mixed) from the model's config: the key window of its sliding-window attention layers (None when
+    no layer has one), and whether full-attention layers are mixed in (``layer_types``). Every layer is sliding
+    when the config sets a window and names no layer types (Mistral, Phi-3)."""
+    config = hf_model(model).config.get_text_config()
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None, False
+    return window, types is not None and set(types) != {"sliding_attention"}
 
 
 @contextmanager
@@ -302,7 +335,7 @@ def masked_loss(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Te
 def masked_call(model: nn.Module, batch: dict[str, torch.Tensor], readout_sees_question: bool):
     """The model's output on laid-out examples under the RiM mask and position ids."""
     mask = attention_mask(batch["segment"], batch["index"], readout_sees_question)
-    return model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model),
+    return model(input_ids=batch["input_ids"], attention_mask=model_mask(mask, model, batch["position_ids"]),
                  position_ids=batch["position_ids"], use_cache=False)
 
 
