@@ -180,11 +180,11 @@ def model_mask(mask: torch.Tensor, model: nn.Module, positions: torch.Tensor,
     ``positions`` (B, Lq) are the queries' position ids, ``key_positions`` (B, Lk) the keys' (default the same).
     A model that mixes sliding and full layers gets one mask per layer type (a dict, as HF's models take it)."""
     window, mixed = sliding_window(model)
-    dtype = hf_model(model).get_input_embeddings().weight.dtype
-    eager = getattr(hf_model(model).config, "_attn_implementation", None) == "eager"
+    inner = getattr(model, "module", model)  # DistributedDataParallel hides the HF model's attributes
+    eager = getattr(inner.config, "_attn_implementation", None) == "eager"
 
     def as_given(m: torch.Tensor) -> torch.Tensor:
-        return additive_mask(m, dtype) if eager else m.unsqueeze(1)
+        return additive_mask(m, inner.get_input_embeddings().weight.dtype) if eager else m.unsqueeze(1)
 
     if window is None:
         return as_given(mask)
