@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rim.config import load_config
+from rim.config import ConfigError, load_config
 from rim.train import loop
 from rim.train.loop import Checkpointer, NonFiniteLoss, train
 from rim.train.state import CheckpointError, latest_valid, verify
@@ -127,6 +128,38 @@ def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, 
     assert "train.max_grad_norm: 1.0 -> 0.5" in capsys.readouterr().out
     assert json.loads((run / "best" / "rim.json").read_text()) == {"step": 2}  # put back by the resumed run
     assert not (run / "best.old").exists() and (run / "notes.old").is_dir()
+
+
+def test_resuming_into_a_shortened_stage_is_refused_naming_the_key(tmp_path, monkeypatch):
+    """A stage cut below the checkpoint's place in it: an error naming the stage's key (it used to spin forever);
+    the checkpoints stay, and the run resumes once the stage is long enough again."""
+    crashed_run(tmp_path, monkeypatch, 5)
+    run = tmp_path / "cut"
+    short = RIM[0].replace("steps: 6", "steps: 3")
+    with pytest.raises(ConfigError, match=r"stages\.0.*now lasts 3 steps.*step 4"):
+        train(load_config(None, [*TINY, short, f"output_dir={run}"]), resume="auto")
+    assert (run / "checkpoints" / "step-4").is_dir()
+    train(config(tmp_path, "cut", RIM), resume="auto")
+    assert max(losses(run)) == 11
+
+
+def test_resume_auto_without_a_step_checkpoint_starts_again_unless_the_run_finished(tmp_path, monkeypatch):
+    """A run that died before its first checkpoint has nothing to continue: ``--resume auto`` starts it again
+    (as documented) instead of asking for ``--resume auto``; a finished run is never cleared by it."""
+    cfg = config(tmp_path, "cut", [*RIM, "train.save_every=100"])
+    with monkeypatch.context() as m:
+        crash_at(m, 3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+    run = tmp_path / "cut"
+    assert (run / "metrics.jsonl").is_file() and not list(run.glob("checkpoints/step-*"))
+    train(cfg, resume="auto")
+    assert sorted(losses(run)) == list(range(1, 12))  # one run from step 1, no leftover lines of the first
+    shutil.rmtree(run / "checkpoints")  # a finished run whose step checkpoints are gone
+    with pytest.raises(FileExistsError, match="no step checkpoint to resume from") as err:
+        train(cfg, resume="auto")
+    assert "--resume auto" not in str(err.value)
+    assert (run / "checkpoint" / "rim.json").is_file()
 
 
 def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path, monkeypatch):

@@ -325,6 +325,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                                             generator=torch.Generator().manual_seed(seed)))
     accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     total = stage_length(stage, len(loader), accumulate)
+    if pos.stage_step >= total:  # only a resumed run gets here: its stage was shortened since the checkpoint
+        raise ConfigError(f"stage {stage.name!r} (stages.{pos.stage}) now lasts {total} steps, but the checkpoint is "
+                          f"at its step {pos.stage_step}; to resume, give it more steps (stages.{pos.stage}.steps or "
+                          ".epochs, or the train.batch_size and train.grad_accum it was saved with)")
     steps_per_epoch = math.ceil(len(loader) / accumulate)
     sharded, graphs = is_sharded(model), cfg.train.compile in CUDA_GRAPH_MODES
     if optimizer is None or stage.reset_optimizer or resumed is not None:
@@ -652,7 +656,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     """Train the configured method; returns the run directory.
 
     ``resume``: ``auto`` continues from the newest intact ``checkpoints/step-N`` of the run directory (or starts
-    fresh when there is none), a path continues from that checkpoint. Position, optimizer, scheduler and RNG
+    fresh when there is none, unless the run has a final checkpoint, ``best/`` or evaluations), a path continues
+    from that checkpoint. Position, optimizer, scheduler and RNG
     states come back, so the resumed run takes the same steps as an uninterrupted one. SIGTERM/SIGINT write a
     checkpoint at the next step boundary and raise ``Interrupted``; a non-finite loss raises ``NonFiniteLoss``.
     """
@@ -662,9 +667,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     accelerator = make_accelerator(cfg, run_dir)
     start_from = resume_point(run_dir, resume)
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
-    if start_from is None and earlier and not cfg.overwrite:
+    finished = [p for p in earlier if p.name.removesuffix(".old") in REPLACED or p.name.startswith("eval")]
+    if start_from is None and earlier and not cfg.overwrite and (resume != "auto" or finished):
+        # --resume auto with no step checkpoint starts again, unless the run holds finished work
+        hint = ("it has no step checkpoint to resume from (train.save_every)" if resume == "auto"
+                else "or continue it with --resume auto")
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(p.name for p in earlier)}); choose "
-                              "another output_dir, set overwrite=true, or continue it with --resume auto")
+                              f"another output_dir or set overwrite=true; {hint}")
     accelerator.wait_for_everyone()  # every process has looked before the main process writes anything
     set_seed(cfg.train.seed)
     pos, resumed, best, diff = Position(), None, -1.0, []
