@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from rim.config import ConfigError
+
 from rim.data.benchmarks import GSM8K, SVAMP, data_file, gsm8k_steps, parse_icot_line, parse_number
 from rim.data.tasks import DataError, make_task
 
@@ -70,7 +72,7 @@ def test_malformed_lines_name_file_and_line(tmp_path):
         GSM8K(str(tmp_path)).load("test")
     with pytest.raises(DataError, match="f.txt, line 3: expected 'question"):
         parse_icot_line("no separator", "f.txt, line 3")
-    with pytest.raises(ValueError, match="prosqa has splits train"):
+    with pytest.raises(ConfigError, match="'prosqa' has splits train, valid, test, not 'training'"):
         make_task("prosqa", {"data_dir": str(DATA)}).load("training")
 
 

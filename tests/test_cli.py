@@ -81,6 +81,9 @@ def test_cli_errors_name_the_key(tmp_path):
     assert done.returncode == 2 and "already holds a run (checkpoint)" in done.stderr
     done = rim("eval", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and "no finished checkpoint" in done.stderr
+    for flag in ("--blocks", "--max-eval"):  # 0 once read as "not given": the default K or every problem
+        done = rim("eval", str(run), flag, "0")
+        assert done.returncode == 2 and f"argument {flag}: must be >= 1, not 0" in done.stderr
 
 
 @pytest.mark.parametrize("method", ["nocot", "cot"])

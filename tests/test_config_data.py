@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,12 +141,34 @@ def test_jsonl_task_and_unknown_task(tmp_path):
     task = make_task("jsonl", {"files": {"train": str(path)}})
     assert isinstance(task, JsonlTask) and task.load("train")[0].answer == "d"
     assert task.vocabulary() == ["####", "a", "b", "c", "d"]
-    with pytest.raises(ValueError, match="no file for split 'test'"):
+    with pytest.raises(ConfigError, match=r"no file for split 'test'; data\.options\.files has train"):
         task.load("test")
-    with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+    with pytest.raises(ConfigError, match="'data.task' must be one of .*, not 'gsm9k'"):
         make_task("gsm9k", {})
-    with pytest.raises(ValueError, match="bad options for task 'running-sum'"):
+    with pytest.raises(ConfigError, match=r"'data\.options\.digitz'; task 'running-sum' takes digits"):
         make_task("running-sum", {"digitz": 3})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.task=foo", "'data.task' must be one of"),
+    ("data.options.digits=x", "'data.options.digits': expected int, got str 'x'"),
+    ("data.options.bogus=1", "unknown config key 'data.options.bogus'"),
+    ("data.task=jsonl", "'data.options.files' is required for task 'jsonl'"),
+])
+def test_task_options_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_held_out_splits_that_take_every_question_are_an_error_not_a_hang():
+    """digits=2 has 100 questions; 300 test and 300 valid draws take them all (this used to loop forever)."""
+    task = make_task("running-sum", {"digits": 2})
+    assert len(task.load("test")) == 300
+    with pytest.raises(ConfigError, match=r"digits=2 .* 100 distinct questions.* before 'train'"):
+        task.load("train")
+    assert len(make_task("running-sum", {"digits": 2, "n_test": 20, "n_valid": 20}).load("train")) == 20000
+    with pytest.raises(ConfigError, match="has splits train, valid, test, not 'dev'"):
+        task.load("dev")
 
 
 def test_registered_task_is_built_by_name():

@@ -81,6 +81,10 @@ def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     assert "train.keep_last=2 deleted older checkpoints; the protocol selects among the 4 that remain" in done.stderr
     done = rim("eval", str(run), "--protocol", "splits", "--checkpoint", "best")
     assert done.returncode == 2 and "takes no --checkpoint" in done.stderr
+    (run / "eval-protocol" / "results.json").unlink()
+    done = rim("eval", str(run), "--protocol", "splits", "--select-size", "264", "--max-eval", "8")
+    assert done.returncode == 2 and "--select-size must be between 1 and 7" in done.stderr  # after one checkpoint
+    assert not (run / "eval-protocol" / "results.json").exists()
 
     # a rerun refuses the folder; with overwrite=true nothing of the earlier run survives
     done = rim("train", str(cfg), "stages.grounding.steps=1", "stages.refinement.steps=1")

@@ -18,6 +18,21 @@ import os
 import sys
 
 
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 would otherwise read as "not given" further down)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from rim.demo import run_demo
 
@@ -128,7 +143,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         lines = Path(args.file).read_text(encoding="utf-8").splitlines()
     served = open_run(args.run, args.checkpoint, args.device, args.blocks, args.max_new_tokens,
                       decoding_overrides(args))
-    for record in answer(served, read_questions(lines), args.block_readouts):
+    source = "standard input" if args.file in (None, "-") else args.file
+    for record in answer(served, read_questions(lines, source), args.block_readouts):
         print(json.dumps(record), flush=True)
 
 
@@ -244,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run", help="run directory written by `rim train`")
     p.add_argument("--split", default=None, help="split to score (default: data.eval_split of the run)")
-    p.add_argument("--blocks", type=int, default=None, help="K, memory blocks at inference (default: trained K)")
-    p.add_argument("--max-eval", type=int, default=None, help="score only the first N problems")
+    p.add_argument("--blocks", type=positive, default=None, help="K, memory blocks at inference (default: trained K)")
+    p.add_argument("--max-eval", type=positive, default=None, help="score only the first N problems")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--task", default=None, help="score another task (out of distribution), e.g. gsm-hard, svamp")
     p.add_argument("--checkpoint", default="checkpoint",
@@ -253,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["single", "splits"], default="single",
                    help="splits: the paper's protocol over every saved checkpoint (train.save_every): select on "
                         "random subsets of the split, score on the rest, mean +- SE")
-    p.add_argument("--n-splits", type=int, default=16)
-    p.add_argument("--select-size", type=int, default=264)
+    p.add_argument("--n-splits", type=positive, default=16)
+    p.add_argument("--select-size", type=positive, default=264)
     add_decoding_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -275,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2's 30 layers)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs/bench", help="folder for bench-<shape>-<suite>.json and .md")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    p.add_argument("--repeats", type=positive, default=10, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=non_negative, default=2, help="untimed runs before them")
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 64],
                    help="latency batch sizes, comma-separated (default: 1,64)")
-    p.add_argument("--train-batch", type=int, default=32, help="training batch size (default: 32)")
+    p.add_argument("--train-batch", type=positive, default=32, help="training batch size (default: 32)")
     p.add_argument("--train-mode", default="auto", choices=["auto", "full", "lora"],
                    help="what trains (auto: full for tiny, LoRA rank 128 otherwise, as rim train)")
-    p.add_argument("--question-tokens", type=int, default=100)
+    p.add_argument("--question-tokens", type=positive, default=100)
     p.add_argument("--static-cache", action="store_true",
                    help="latency: also No-CoT and RiM with a static KV cache (rows nocot_static, rim_static)")
     add_compile_flags(p, "latency: also No-CoT and RiM with a static cache and compiled decoding steps (rows "
@@ -305,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="?", default=None, help="the question (- : one question a line on stdin)")
     p.add_argument("--file", default=None, metavar="F",
                    help="questions one a line (text, or JSON with a 'question' field); - for standard input")
-    p.add_argument("--blocks", type=int, default=None, help="K, memory blocks at inference (default: trained K)")
+    p.add_argument("--blocks", type=positive, default=None, help="K, memory blocks at inference (default: trained K)")
     p.add_argument("--block-readouts", action="store_true",
                    help="also the answer read out after each block k = 1..K (methods with memory blocks)")
     p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive, default=None,
                    help="generation budget (default: the task's answer budget; CoT-style: plus the longest "
                         "reasoning of the evaluation split)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -320,22 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `rim train`")
     p.add_argument("out", help="new folder for the exported model")
     p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
-    p.add_argument("--blocks", type=int, default=None, help="K in the model card and rim.json (default: trained K)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--blocks", type=positive, default=None,
+                   help="K in the model card and rim.json (default: trained K)")
+    p.add_argument("--max-new-tokens", type=positive, default=None,
                    help="max_new_tokens of generation_config.json (default: as for rim answer)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
-    p.add_argument("--index", type=int, default=0, help="which training example (default: 0)")
+    p.add_argument("--index", type=non_negative, default=0, help="which training example (default: 0)")
     p.add_argument("--progress", type=float, default=0.0, help="stage progress in [0, 1] for the λ weights")
     p.set_defaults(func=cmd_show_layout)
     p = sub.add_parser("plot", help="plots of a run into RUN/plots: loss, accuracy vs K, per-block accuracy")
     p.add_argument("run", help="run directory written by `rim train`")
     p.add_argument("--split", default=None, help="split for the accuracy plots (default: data.eval_split of the run)")
-    p.add_argument("--max-eval", type=int, default=None, help="score only the first N problems")
-    p.add_argument("--max-blocks", type=int, default=16, help="largest K in accuracy vs K (default: 16)")
+    p.add_argument("--max-eval", type=positive, default=None, help="score only the first N problems")
+    p.add_argument("--max-blocks", type=positive, default=16, help="largest K in accuracy vs K (default: 16)")
     p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_plot)
@@ -347,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last one")
     p.add_argument("--probe-split", default="valid", help="split the probes are fitted on (default: valid)")
     p.add_argument("--score-split", default="test", help="split the probes are scored on (default: test)")
-    p.add_argument("--max", type=int, default=None, help="at most N problems of each split")
+    p.add_argument("--max", type=positive, default=None, help="at most N problems of each split")
     p.add_argument("--l2", type=float, default=0.1, help="L2 penalty of the logistic-regression probes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_analyze)

@@ -378,6 +378,9 @@ def validate(cfg: Config) -> None:
     for ok, key, want in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} must be {want}")
+    from rim.data.tasks import check_task_options
+
+    cfg.data.options = check_task_options(cfg.data.task, cfg.data.options)
     if cfg.model.train_mode == "auto":
         cfg.model.train_mode = "full" if cfg.model.name == "tiny" else "lora"
 

@@ -70,8 +70,11 @@ def open_run(run_dir: str | Path, checkpoint: str = "checkpoint", device: str = 
         raise ConfigError(f"--blocks: method {method.name!r} has no memory blocks")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    budget = max_new_tokens or generation_budget(cfg, task, method, tokenizer)
-    return Served(cfg, model, tokenizer, method, task, blocks or cfg.eval.blocks or cfg.method.blocks, budget)
+    budget = max_new_tokens if max_new_tokens is not None else generation_budget(cfg, task, method, tokenizer)
+    if blocks is not None and blocks < 1:
+        raise ConfigError(f"--blocks must be >= 1, not {blocks}")
+    k = blocks if blocks is not None else cfg.eval.blocks or cfg.method.blocks
+    return Served(cfg, model, tokenizer, method, task, k, budget)
 
 
 def _generate(served: Served, prompt: list[int]):
@@ -108,9 +111,9 @@ def answer(served: Served, questions: Iterable[str], block_readouts: bool = Fals
         yield rec
 
 
-def read_questions(lines: Iterable[str]) -> Iterator[str]:
+def read_questions(lines: Iterable[str], source: str = "input") -> Iterator[str]:
     """Questions, one a line: plain text, or a JSON object with a ``question`` field (e.g. a task's JSONL file);
-    blank lines are skipped."""
+    blank lines are skipped. ``source`` names the file in errors."""
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
@@ -119,7 +122,9 @@ def read_questions(lines: Iterable[str]) -> Iterator[str]:
             try:
                 line = json.loads(line)["question"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ConfigError(f"line {n}: a JSON line needs a 'question' field ({err})") from None
+                raise ConfigError(f"{source}, line {n}: a JSON line needs a 'question' field ({err})") from None
+            if not isinstance(line, str) or not line.strip():
+                raise ConfigError(f"{source}, line {n}: 'question' must be non-empty text, not {line!r}")
         yield line
 
 

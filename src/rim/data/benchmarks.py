@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from rim.data.records import DataError, field, parse_json, read_json_file, string_list
-from rim.data.tasks import COT_SEPARATOR, Example, Task
+from rim.data.tasks import COT_SEPARATOR, Example, Task, unknown_split
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
@@ -153,7 +153,7 @@ class GSM8K(NumericTask):
             held_out = {ex.question for ex in self.load("valid")}
             return [ex for ex in self.load("train") if ex.question not in held_out]
         if split not in self.FILES:
-            raise ValueError(f"gsm8k has splits {[*self.FILES, 'train_no_valid']}, not {split!r}")
+            raise unknown_split(self.name, split, [*self.FILES, "train_no_valid"])
         path = self.file(self.FILES[split])
         return self.records.lines(path, parse_icot_line if path.suffix == ".txt" else parse_gsm8k_record)
 
@@ -166,7 +166,7 @@ class GSMHard(NumericTask):
 
     def load(self, split: str) -> list[Example]:
         if split != "test":
-            raise ValueError(f"{self.name} has only a test split, not {split!r}")
+            raise unknown_split(self.name, split, ["test"])
         return self.records.lines(self.file(self.test_file), self._parse)
 
     @staticmethod
@@ -192,7 +192,7 @@ class SVAMP(NumericTask):
 
     def load(self, split: str) -> list[Example]:
         if split != "test":
-            raise ValueError(f"svamp has only a test split, not {split!r}")
+            raise unknown_split(self.name, split, ["test"])
         path = self.file("svamp/SVAMP.json")
         return self.records.collect(str(path), json_records(path), self._parse)
 
@@ -227,7 +227,7 @@ class CoconutLogic(Task):
             shipped = {ex.question for s in ("valid", "test") for ex in self.load(s)}
             return [ex for ex in self.generate(self.n_train, self.seed) if ex.question not in shipped]
         if split not in ("valid", "test"):
-            raise ValueError(f"{self.name} has splits train (generated), valid and test, not {split!r}")
+            raise unknown_split(self.name, split, ["train", "valid", "test"])
         path = data_file(self.data_dir, f"{self.folder}/{self.folder}_{split}.json")
         return self.records.collect(str(path), json_records(path), self._parse)
 

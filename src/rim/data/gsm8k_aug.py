@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rim.data.benchmarks import GSM8K, NumericTask, gsm8k_steps, json_records, normalise_answer, parse_icot_line
 from rim.data.records import DataError, Records, field, parse_json, string_list
-from rim.data.tasks import COT_SEPARATOR, Example
+from rim.data.tasks import COT_SEPARATOR, Example, unknown_split
 
 LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
 
@@ -110,7 +110,7 @@ class GSM8KAug(NumericTask):
             gsm8k.records = self.records  # the same policy for bad records, and one place for their counts
             return gsm8k.load(split)
         if split != "train":
-            raise ValueError(f"gsm8k-aug has splits ['train', 'valid', 'test'], not {split!r}")
+            raise unknown_split(self.name, split, ["train", "valid", "test"])
         if self._train is None:  # kept: vocabulary() and training both read the 385k problems
             self._train = read_gsm8k_aug(self.source, self.train_split, self.revision, self.max_train,
                                          self.records)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rim.data.benchmarks import data_file
 from rim.data.records import DataError, Records
-from rim.data.tasks import COT_SEPARATOR, Example, Task
+from rim.data.tasks import COT_SEPARATOR, Example, Task, unknown_split
 
 SPLIT_FILES = {"valid": "valid.txt", "test": "test_bigbench.txt"}
 KD_VARIANT_DIR = "icot_kd_variant"  # a second test set for some sizes; its questions are held out of train too
@@ -120,7 +120,7 @@ class Multiplication(Task):
 
     def load(self, split: str) -> list[Example]:
         if split not in ("train", *SPLIT_FILES):
-            raise ValueError(f"multiplication has splits ['train', 'valid', 'test'], not {split!r}")
+            raise unknown_split(self.name, split, ["train", *SPLIT_FILES])
         if split not in self._cache:
             self._cache[split] = self._generate() if split == "train" else read_icot(self._file(split), self.records)
         return self._cache[split]

@@ -20,11 +20,14 @@ Bad records (``rim.data.records``): every file loader reads through its task's `
 
 from __future__ import annotations
 
+import inspect
 import random
+import typing
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from rim.config import ConfigError
 from rim.data.records import DataError, Records, field, parse_json, string_list
 
 COT_SEPARATOR = "####"
@@ -110,22 +113,19 @@ class RunningSum(Task):
 
     def load(self, split: str) -> list[Example]:
         if split not in self.sizes:
-            raise ValueError(f"running-sum has splits {list(self.sizes)}, not {split!r}")
+            raise unknown_split(self.name, split, list(self.sizes))
         # test problems never appear in valid, and neither in train: drawn first and excluded from what follows
         test = self._draw("test", self.sizes["test"])
         held_out = {"test": test, "valid": self._draw("valid", self.sizes["valid"], {ex.question for ex in test})}
         if split != "train":
             return held_out[split]
-        seen = {ex.question for exs in held_out.values() for ex in exs}
-        rng = random.Random(f"{self.seed}-train")
-        out: list[Example] = []
-        while len(out) < self.sizes["train"]:
-            ex = self.make(rng)
-            if ex.question not in seen:
-                out.append(ex)
-        return out
+        return self._draw("train", self.sizes["train"], {ex.question for exs in held_out.values() for ex in exs})
 
     def _draw(self, split: str, n: int, exclude: set[str] = frozenset()) -> list[Example]:
+        if n and len(exclude) >= self.modulus ** self.digits:  # drawing would never end
+            raise ConfigError(f"running-sum with data.options.digits={self.digits} and modulus={self.modulus} has "
+                              f"{self.modulus ** self.digits} distinct questions, and the splits drawn before "
+                              f"{split!r} take all of them; use more digits or smaller n_test / n_valid")
         rng = random.Random(f"{self.seed}-{split}")
         out: list[Example] = []
         while len(out) < n:
@@ -163,7 +163,8 @@ class JsonlTask(Task):
 
     def load(self, split: str) -> list[Example]:
         if split not in self.files:
-            raise ValueError(f"no file for split {split!r}; data.files has {sorted(self.files)}")
+            raise ConfigError(f"task 'jsonl' has no file for split {split!r}; data.options.files has "
+                              f"{', '.join(sorted(self.files))}")
         return read_jsonl(self.files[split], self.records)
 
 
@@ -176,20 +177,56 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
-    """Build a task by name from its options (``data.options`` in the config); ``on_error`` (``data.on_error``) is
-    what its loaders do with a bad record: ``strict`` raises, ``skip`` drops and counts it (``task.records``)."""
+def task_classes() -> dict[str, type[Task]]:
+    """Every task a config may name (``data.task``): the built-in ones and those registered with ``register_task``."""
     from rim.data.benchmarks import BENCHMARKS
     from rim.data.gsm8k_aug import GSM8KAug
     from rim.data.multiplication import Multiplication
 
-    tasks = {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, "gsm8k-aug": GSM8KAug,
-             **BENCHMARKS, **TASKS}
+    return {"running-sum": RunningSum, "jsonl": JsonlTask, "multiplication": Multiplication, "gsm8k-aug": GSM8KAug,
+            **BENCHMARKS, **TASKS}
+
+
+def check_task_options(name: str, options: dict) -> dict:
+    """``data.task`` and ``data.options`` against the task's constructor: a ConfigError naming the key for an
+    unknown task, an unknown or missing option or one of the wrong type; returns the options (ints made floats
+    where a float is wanted)."""
+    from rim.config import _check_type
+
+    tasks = task_classes()
     if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(tasks)}")
+        raise ConfigError(f"config key 'data.task' must be one of {', '.join(sorted(tasks))}, not {name!r}")
+    params = dict(inspect.signature(tasks[name].__init__).parameters)
+    params.pop("self", None)
+    hints = typing.get_type_hints(tasks[name].__init__)
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ConfigError(f"unknown config key 'data.options.{unknown[0]}'; task {name!r} takes "
+                              f"{', '.join(params) or 'no options'}")
+    missing = [k for k, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                  p.KEYWORD_ONLY)
+               and k not in options]
+    if missing:
+        raise ConfigError(f"config key 'data.options.{missing[0]}' is required for task {name!r}")
+    return {key: _check_type(value, hints.get(key, typing.Any), f"data.options.{key}")
+            for key, value in options.items()}
+
+
+def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
+    """Build a task by name from its options (``data.options`` in the config); ``on_error`` (``data.on_error``) is
+    what its loaders do with a bad record: ``strict`` raises, ``skip`` drops and counts it (``task.records``)."""
+    options = check_task_options(name, options)
     try:
-        task = tasks[name](**options)
-    except TypeError as err:
-        raise ValueError(f"bad options for task {name!r}: {err}") from None
+        task = task_classes()[name](**options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key 'data.options' of task {name!r}: {err}") from None
     task.records = Records(on_error)
     return task
+
+
+def unknown_split(task: str, split: str, splits: list[str]) -> ConfigError:
+    """The error for a split the task does not have (named by ``data.*_split``, ``eval.select_split`` or
+    ``--split``)."""
+    return ConfigError(f"task {task!r} has splits {', '.join(splits)}, not {split!r} (data.train_split, "
+                       "data.eval_split, eval.select_split or --split)")

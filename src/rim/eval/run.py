@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rim.config import Config, load_config
+from rim.config import Config, ConfigError, load_config
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import EvalResult, evaluate, write_predictions
 from rim.eval.protocol import split_protocol
@@ -80,10 +80,13 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     if out_name is None:
         out_name = "eval" + (f"-{task_name}" if task_name else "")
         out_name += "" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_")
+    for name, value in (("blocks", blocks), ("max_eval", max_eval)):
+        if value is not None and value < 1:  # 0 must not read as "not given"
+            raise ConfigError(f"{name} must be >= 1, not {value}")
     split = split or cfg.data.eval_split
-    examples = task.load(split)[: max_eval or cfg.data.max_eval]
+    examples = task.load(split)[: max_eval if max_eval is not None else cfg.data.max_eval]
     tokenized = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
-    k = blocks or cfg.eval.blocks or cfg.method.blocks
+    k = blocks if blocks is not None else cfg.eval.blocks or cfg.method.blocks
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
                       cfg.eval.latency_examples if full else 0)
     result.metrics.update(task=task.name, split=split, checkpoint=checkpoint,
@@ -125,6 +128,9 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
                           overrides=overrides)
         split = result.metrics["split"]
         correct.append([r["correct"] for r in result.records])
+        if not 0 < select_size < len(correct[0]):  # checked on the first checkpoint, not after all of them
+            raise ConfigError(f"--select-size must be between 1 and {len(correct[0]) - 1} (the {split!r} split "
+                              f"scores {len(correct[0])} problems here), not {select_size}")
         per_checkpoint[name] = result.metrics["final_block_accuracy"]
     summary = split_protocol(correct, n_splits, select_size, seed)
     summary.update(checkpoints=names, chosen_names=[names[c] for c in summary["chosen"]],
