@@ -137,3 +137,33 @@ def test_optimizer_state_keyed_by_index_or_by_name_converts_both_ways(tmp_path):
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
     with pytest.raises(CheckpointError, match="do not match"):
         keyed_optimizer_state(by_index, model, True, tmp_path)
+
+
+def test_an_epochs_short_last_step_is_not_scaled_down(tmp_path, monkeypatch):
+    """grad_accum=2 over 3 batches an epoch: the second step has one micro-batch. accelerate divides each loss by
+    2; that micro-batch's loss goes to the backward doubled, so its step's gradient is its mean, as for full steps."""
+    import json
+
+    from accelerate import Accelerator
+
+    from rim.config import load_config
+    from rim.train.loop import train
+
+    passed = []
+    original = Accelerator.backward
+
+    def backward(self, loss, **kwargs):
+        passed.append(loss.item())
+        return original(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    cfg = load_config(None, ["model.tiny_layers=1", "model.tiny_hidden=16", "model.tiny_heads=2", "train.device=cpu",
+                             "train.progress=false", "train.batch_size=8", "train.grad_accum=2", "train.log_every=1",
+                             "data.options={n_train: 24, n_test: 4, n_valid: 4}",
+                             "stages=[{name: g, kind: grounding, steps: 4}]", f"output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in logged if e["event"] == "train"]  # a step's mean micro-batch loss
+    assert len(passed) == 6 and len(losses) == 4  # micro-batches 2 + 1 + 2 + 1
+    assert passed[0] + passed[1] == pytest.approx(2 * losses[0]) and passed[2] == pytest.approx(2 * losses[1])
+    assert passed[3] + passed[4] == pytest.approx(2 * losses[2]) and passed[5] == pytest.approx(2 * losses[3])

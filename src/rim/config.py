@@ -95,7 +95,7 @@ class StageConfig:
     anneal_end: float = 1.0  # fraction of the stage by which every λ has reached 0
     block_weight: str = "linear"  # α schedule of answer readouts: linear, uniform or last
     blocks: int | None = None  # K for refinement; None: method.blocks
-    reset_optimizer: bool = True  # fresh optimizer and LR schedule at the start of this stage
+    reset_optimizer: bool = True  # fresh optimizer moments at this stage's start (each stage has its own warm-up)
     latent_steps: int | None = None  # latent stages: leading steps replaced by continuous thoughts
 
 

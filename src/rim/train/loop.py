@@ -382,7 +382,10 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                     model.set_requires_gradient_sync(accelerator.sync_gradients)
                 loss = step_loss(method, model, batch, stage_weights(batch, stage, step / total),
                                  cfg.train.supervised_logits, cfg.train.fused_loss)
-                accelerator.backward(loss)
+                # accelerate divides every micro-batch's loss by the accumulation count; an epoch's last step
+                # may have fewer micro-batches, whose gradient is then their mean too, not scaled down
+                group = min(accumulate, len(loader) - i // accumulate * accumulate)
+                accelerator.backward(loss * (accumulate / group) if group < accumulate else loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
