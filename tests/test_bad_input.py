@@ -319,6 +319,14 @@ def test_non_numeric_answers_and_bad_policies_are_refused(tmp_path):
     assert task.records.skipped == {str(tmp_path / "gsm_hard/gsmhardv2.jsonl"): {"not a number": 1, "wrong type": 1}}
     with pytest.raises(ValueError, match="on_error must be one of strict, skip"):
         make_task("gsm-hard", {}, "lenient")
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "steps": [], "answer": NaN}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1: answer nan is not a number"):
+        read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_a_list_where_a_section_belongs_names_the_section():
+    with pytest.raises(ConfigError, match=r"config key 'train': expected a mapping, got list"):
+        load_config(None, ["train=[1, 2]"])
 
 
 # ------------------------------------------------------------------ over-long training examples

@@ -362,3 +362,15 @@ def test_token_strings_in_the_data_are_text(name):
     # without such strings the whole chat prompt is tokenized at once, to the same ids
     chat = method.tokenize(TASK, tok, Example("3 7", ("1",), "1"), "chat").question
     assert chat == [bos, user, three, seven, bot]
+
+
+def test_generated_tokens_count_an_eos_only_when_one_was_generated():
+    from rim.eval.evaluate import score
+
+    model, tok, method = setup("nocot")
+    spread(model)
+    exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
+    outputs = method.decode(model, [method.prompt(ex, 1) for ex in exs], tok.pad_token_id, tok.eos_token_id, 3, 3)
+    assert any(len(o) == 3 for o in outputs)  # stopped by the budget of 3, with no EOS
+    records = score(model, tok, TASK, method, exs, 1, 3, 3, False)
+    assert [r["generated_tokens"] for r in records] == [3 if len(o) == 3 else len(o) + 1 for o in outputs]

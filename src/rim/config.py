@@ -195,7 +195,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix or '<root>'!r}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, "
+                          f"got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

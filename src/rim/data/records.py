@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -96,6 +97,8 @@ def field(rec: object, key: str, where: str, kinds: type | tuple[type, ...] = st
         raise DataError(f"{where}: field {key!r} has type {type(value).__name__}", "wrong type")
     if isinstance(value, str) and not value.strip():
         raise DataError(f"{where}: empty {key}", "empty")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON parsers read NaN and Infinity
+        raise DataError(f"{where}: {key} {value} is not a number", "not a number")
     return value
 
 

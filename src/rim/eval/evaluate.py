@@ -111,7 +111,7 @@ def score(model: nn.Module, tokenizer, task: Task, method: Method, examples: lis
         pred = task.extract_answer(text, cot=method.cot)
         rec = {"question": ex.example.question, "gold": ex.example.answer, "prediction": pred, "output": text,
                "correct": task.is_correct(pred, ex.example.answer),
-               "generated_tokens": len(final[i]) + 1}  # + the EOS it generated
+               "generated_tokens": min(len(final[i]) + 1, budget)}  # + its EOS, unless the budget stopped it
         if per_block:
             texts = [task.extract_answer(tokenizer.decode(t, skip_special_tokens=True)) for t in readouts[i]]
             rec["block_readouts"] = texts
