@@ -55,13 +55,16 @@ def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(t
         variants = {f"{name}_{variant}" for name in ("rim", "nocot") for variant in ("static", "compiled")}
         assert set(rows) == set(REASONING_TOKENS) | variants
         assert rows["rim_compiled"]["prompt_tokens"] == rows["rim"]["prompt_tokens"]
-        assert set(results["readouts"][key]) == {"one_pass_ms", "k_decodes_ms"}
+        assert set(results["readouts"][key]) == {"one_pass_ms", "k_decodes_ms", "one_pass_static_ms",
+                                                 "one_pass_compiled_ms"}
     ratios = results["ratios"]
     assert {"latency_rim_static_over_rim_b1", "ttft_rim_compiled_over_nocot_compiled_b2",
-            "readouts_k_decodes_over_one_pass_b1", "readouts_k_decodes_over_one_pass_b2"} <= set(ratios)
+            "readouts_k_decodes_over_one_pass_b1", "readouts_k_decodes_over_one_pass_b2",
+            "readouts_one_pass_compiled_over_one_pass_b2"} <= set(ratios)
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     markdown = (tmp_path / "bench-tiny-latency.md").read_text()
     assert "| rim_static |" in markdown and "| 2 |" in markdown and "K decodes ms" in markdown
+    assert "all K, compiled steps ms" in markdown
 
 
 def test_a_shape_name_with_dots_keeps_its_whole_file_name(tmp_path, monkeypatch):

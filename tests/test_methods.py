@@ -316,6 +316,10 @@ def test_rim_cached_block_readouts_follow_the_mask_and_positions(family, sees_qu
     assert method.generate(model, prompts, pad, stop, 5, cache="static").tokens == [rs[2] for rs in stopped]
     assert method.block_readouts(model, exs, 4, pad, stop, 1, batch_size=3) == [[r[:1] for r in rs] for rs in stopped]
     assert method.block_readouts(model, exs, 4, pad, stop, 0, batch_size=3) == [[[]] * 4] * 4
+    # a static cache (one shape for every step), with the steps compiled: the same readouts
+    method.cache, method.compile = "static", "eager"  # eval.cache / eval.compile
+    assert method.block_readouts(model, exs, 4, pad, -1, 5, batch_size=3) == free
+    assert method.block_readouts(model, exs, 4, pad, stop, 5, batch_size=3) == stopped
 
 
 def test_only_prompt_plus_plain_decoding_counts_as_plain():
@@ -342,6 +346,8 @@ def test_rim_cached_block_readouts_past_a_sliding_window(kind, sees_question):
     assert readouts == masked_decodes(method, model, [ex.question for ex in exs], 4, -1, 4)
     assert readouts == Method.block_readouts(method, model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3)
     assert len({tuple(map(tuple, r)) for r in readouts}) > 1
+    method.cache = "static"  # every layer of the static cache keeps every column; the masks apply the windows
+    assert method.block_readouts(model, exs, 4, tok.pad_token_id, -1, 4, batch_size=3) == readouts
 
 
 @pytest.mark.parametrize("name", ["rim", "pause", "coconut"])

@@ -262,9 +262,18 @@ def time_method(model, tokenizer, name: str, examples: list[TokenizedExample], s
 def bench_readouts(model, tokenizer, s: BenchSettings, device: torch.device) -> dict:
     """RiM's answers after every block k = 1..K (any-block accuracy), per batch size (medians): all K together
     (``RiM.block_readouts``: one prefill, the K answers side by side in one KV cache) against K decodes of
-    ``question + k blocks`` (``Method``'s). The row keeps its name ``one_pass`` (one prefill)."""
+    ``question + k blocks`` (``Method``'s). The row keeps its name ``one_pass`` (one prefill). With
+    ``s.static_cache`` / ``s.compile`` also all K together in a static cache, without / with compiled steps
+    (``one_pass_static`` / ``one_pass_compiled``)."""
     method = make_method(method_config("rim", s), tokenizer)
     paths = {"one_pass": method.block_readouts, "k_decodes": partial(Method.block_readouts, method)}
+    variants = {"one_pass_static": False} if s.static_cache else {}
+    if s.compile:
+        variants["one_pass_compiled"] = s.compile
+    for path, compile in variants.items():
+        static = make_method(method_config("rim", s), tokenizer)
+        static.cache, static.compile = "static", compile  # as eval.cache / eval.compile set them
+        paths[path] = static.block_readouts
     out = {}
     for batch_size in s.batch_sizes:
         examples = synthetic_examples(batch_size, tokenizer, s, s.seed)
@@ -458,6 +467,10 @@ def ratios(results: dict) -> dict[str, float]:
                                                                                  / value[f"nocot_{variant}"])
     for key, row in results.get("readouts", {}).items():
         out[f"readouts_k_decodes_over_one_pass_{key}"] = row["k_decodes_ms"] / row["one_pass_ms"]
+        for variant in ("static", "compiled"):
+            if f"one_pass_{variant}_ms" in row:
+                out[f"readouts_one_pass_{variant}_over_one_pass_{key}"] = (row[f"one_pass_{variant}_ms"]
+                                                                          / row["one_pass_ms"])
     train = results.get("train") or {}  # rows measured so far (a run cut short has fewer)
     for i, stage in enumerate(("grounding", "refinement"), start=1):
         speed = {name: row["tokens_per_s"] for name, row in train.get(stage, {}).items()
@@ -585,10 +598,14 @@ def markdown(results: dict) -> str:
                   f"{_fmt(r['latency_ms'])} |" for name, r in rows.items()]
         lines.append("")
     if results.get("readouts"):
+        extra = [p for p in ("one_pass_static", "one_pass_compiled") if f"{p}_ms" in next(iter(
+            results["readouts"].values()))]
+        titles = {"one_pass_static": "all K, static cache ms", "one_pass_compiled": "all K, compiled steps ms"}
         lines += [f"RiM's answers after every block k = 1..{results['settings']['blocks']} (medians):", "",
-                  "| batch | all K together ms | K decodes ms |", "|---|---|---|"]
+                  "| batch | all K together ms | K decodes ms |" + "".join(f" {titles[p]} |" for p in extra),
+                  "|---|---|---|" + "---|" * len(extra)]
         lines += [f"| {key[1:]} | {_fmt(r['one_pass_ms'])} | {_fmt(r['k_decodes_ms'])} |"
-                  for key, r in results["readouts"].items()]
+                  + "".join(f" {_fmt(r[f'{p}_ms'])} |" for p in extra) for key, r in results["readouts"].items()]
         lines.append("")
     train = results.get("train")
     if train:

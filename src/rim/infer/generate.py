@@ -64,18 +64,28 @@ def static_length(length: int) -> int:
     return -(-length // STATIC_CHUNK) * STATIC_CHUNK
 
 
-def static_cache(model: nn.Module, batch: int, length: int):
+def static_cache(model: nn.Module, batch: int, length: int, full_layers: bool = False):
     """A ``StaticCache`` for ``batch`` sequences of at least ``length`` tokens, reset; the model's previous one when
-    it has that size, so that a compiled decoding step keeps its tensors (and CUDA graphs) from call to call."""
+    it has that size, so that a compiled decoding step keeps its tensors (and CUDA graphs) from call to call.
+    ``full_layers``: every layer keeps every column, also sliding-window ones (for custom 4-D masks, which span
+    the whole cache and apply the windows themselves)."""
+    import copy
+
     from transformers import StaticCache
 
     param = next(model.parameters())
-    key = (batch, static_length(length), param.dtype, param.device)
+    key = (batch, static_length(length), param.dtype, param.device, full_layers)
     if model in _STATIC and _STATIC[model][0] == key:
         cache = _STATIC[model][1]
         cache.reset()
         return cache
-    cache = StaticCache(config=model.config, max_cache_len=key[1])
+    config = model.config
+    if full_layers:
+        config = copy.copy(config.get_text_config())
+        config.sliding_window = None
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = ["full_attention"] * len(config.layer_types)
+    cache = StaticCache(config=config, max_cache_len=key[1])
     _STATIC[model] = key, cache
     return cache
 

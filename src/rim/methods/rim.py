@@ -9,7 +9,7 @@ from rim.core.batch import collate
 from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
                              memory_block, refinement_readouts)
 from rim.core.mask import attention_mask
-from rim.infer.generate import cache_argument, greedy_generate
+from rim.infer.generate import cache_argument, decoding_forward, greedy_generate, static_cache, static_length
 from rim.methods.base import Method, register
 from rim.models.adapter import MEMORY_TOKENS, check_kept, logits_at, model_mask
 
@@ -71,7 +71,8 @@ class RiM(Method):
 
     @torch.no_grad()
     def decode_blocks(self, model, questions: list[list[int]], blocks: int, pad_id: int, eos_id: int,
-                      max_new_tokens: int) -> list[list[list[int]]]:
+                      max_new_tokens: int, cache: str | None = None, compile: bool | str | None = None
+                      ) -> list[list[list[int]]]:
         """``out[i][k-1]``: the greedy readout of question i after block k, k = 1..K, from one KV-cached batch.
 
         Under the RiM mask the prefix ``question, m_1 .. m_K`` is plain causal with position ids 0..n-1, and no block
@@ -80,9 +81,12 @@ class RiM(Method):
         same cache, readout k's at the position it has after a prompt of k blocks and seeing what readout k sees
         in training (``rim.core.mask``): the question (with ``readout_sees_question``), blocks 1..k and its own
         tokens. With ``readout_sees_question`` (the default) these are the tokens of K separate greedy decodes.
+        ``cache`` and ``compile`` as for ``generate`` (default: the method's, i.e. ``eval.cache`` and
+        ``eval.compile``): a static cache has one shape for every step, so compiled steps replay one graph.
         """
         if max_new_tokens <= 0:
             return [[[] for _ in range(blocks)] for _ in questions]
+        decoding = self.decoding(cache, compile)
         device = next(model.parameters()).device
         # the training layout with empty readouts is the prefix, right-padded: segments, indices and positions
         batch = collate([build_layout(q, [self.block] * blocks, [Readout([])] * blocks, eos_id) for q in questions],
@@ -103,12 +107,21 @@ class RiM(Method):
         # the position of every cache column: the prefix's, then each step's K tokens (sliding windows need them)
         columns = torch.cat([positions, (starts[:, None] + torch.arange(max_new_tokens - 1, device=device)[:, None])
                              .flatten(1)], dim=1)
+        prefix = attention_mask(segment, index).to(device)
+        width = sees.shape[2]
+        if decoding["cache"] == "static":  # the masks span the whole cache, whose unwritten columns they hide
+            past, width = static_cache(model, n, width, full_layers=True), static_length(width)
+            sees = torch.nn.functional.pad(sees, (0, width - sees.shape[2]))
+            prefix = torch.nn.functional.pad(prefix, (0, width - length))
+            columns = torch.nn.functional.pad(columns, (0, width - columns.shape[1]))
+        else:  # a cache of full layers: the masks span every column, which a sliding-window layer's cache drops
+            past = DynamicCache()
+        step = decoding_forward(model, decoding["compile"]) if decoding["cache"] == "static" else model
         cache_arg, keep = cache_argument(model), anchors.to(device)
-        # a cache of full layers: the 4-D masks span every column, which a sliding-window layer's cache would drop
-        with logits_at(model, keep):
+        with logits_at(model, keep):  # the prefill stays uncompiled
             out = model(input_ids=batch["input_ids"].to(device), position_ids=positions, use_cache=True,
-                        attention_mask=model_mask(attention_mask(segment, index).to(device), model, positions),
-                        **{cache_arg: DynamicCache()})
+                        attention_mask=model_mask(prefix, model, positions, columns[:, :prefix.shape[2]]),
+                        **{cache_arg: past})
         logits, past = check_kept(out.logits, keep).view(n, blocks, -1), out[cache_arg]
         tokens = torch.full((n, blocks, max_new_tokens), eos_id, device=device)
         done = torch.zeros(n, blocks, dtype=torch.bool, device=device)
@@ -118,8 +131,12 @@ class RiM(Method):
             done |= token == eos_id
             if j == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: the price of stopping early
                 break
-            width = length + blocks * (j + 1)
-            out = model(input_ids=token, position_ids=starts + j, use_cache=True, **{cache_arg: past},
-                        attention_mask=model_mask(sees[..., :width], model, starts + j, columns[:, :width]))
+            seen = length + blocks * (j + 1)  # the columns written so far, this step's included
+            if decoding["cache"] == "static":  # one shape for every step: later steps' columns hidden instead
+                mask, keys = sees & (torch.arange(width, device=device) < seen), columns
+            else:
+                mask, keys = sees[..., :seen], columns[:, :seen]
+            out = step(input_ids=token, position_ids=starts + j, use_cache=True, **{cache_arg: past},
+                       attention_mask=model_mask(mask, model, starts + j, keys))
             logits, past = out.logits, out[cache_arg]
         return [[r[:r.index(eos_id)] if eos_id in r else r for r in rows] for rows in tokens.tolist()]
