@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -189,3 +190,38 @@ def test_registered_task_is_built_by_name():
         assert isinstance(task, Echo) and len(task.load("train")) == 3 and task.records.on_error == "skip"
     finally:
         TASKS.pop("echo-test")
+
+
+def test_task_options_of_types_yaml_does_not_give_are_left_to_the_task(tmp_path):
+    """Only YAML's own types are checked: a Path, a Literal, a tuple or a name imported for type checkers only
+    pass through to the task's constructor, and a path object passes where a str is hinted."""
+    from rim.data.tasks import register_task
+
+    class Mine(RunningSum):
+        name = "mine"
+
+        def __init__(self, folder: Path | None = None, mode: Literal["easy", "hard"] = "easy",
+                     sizes: tuple[int, ...] = (1,), digits: int = 4):
+            super().__init__(digits)
+            self.folder, self.mode = folder, mode
+
+    class Odd(RunningSum):
+        name = "odd"
+
+        def __init__(self, other: "NotImportedHere | None" = None):  # noqa: F821
+            super().__init__()
+
+    from rim.data.tasks import TASKS
+
+    register_task(Mine), register_task(Odd)
+    try:
+        cfg = load_config(None, ["data.task=mine", f"data.options={{folder: {tmp_path}, mode: hard, sizes: [1, 2]}}"])
+        task = make_task(cfg.data.task, cfg.data.options)
+        assert (task.folder, task.mode) == (str(tmp_path), "hard")
+        with pytest.raises(ConfigError, match="'data.options.digits': expected int"):  # YAML's types still checked
+            load_config(None, ["data.task=mine", "data.options.digits=x"])
+        assert make_task("odd", {"other": 3}).digits == 4
+    finally:
+        TASKS.pop("mine"), TASKS.pop("odd")
+    assert make_task("multiplication", {"data_dir": tmp_path}).data_dir == tmp_path
+

@@ -162,6 +162,18 @@ def test_resume_auto_without_a_step_checkpoint_starts_again_unless_the_run_finis
     assert (run / "checkpoint" / "rim.json").is_file()
 
 
+def test_resume_auto_never_clears_step_checkpoints_that_fail_to_verify(tmp_path, monkeypatch, capsys):
+    crashed_run(tmp_path, monkeypatch, 5)
+    steps = sorted((tmp_path / "cut" / "checkpoints").iterdir())
+    for step in steps:  # every one altered: nothing to resume from, but not nothing to lose
+        with open(step / "model.safetensors", "ab") as f:
+            f.write(b"x")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(config(tmp_path, "cut", RIM), resume="auto")
+    assert capsys.readouterr().out.count("skipping a broken checkpoint") == 2
+    assert sorted((tmp_path / "cut" / "checkpoints").iterdir()) == steps
+
+
 def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path, monkeypatch):
     """``best/`` is replaced on every improvement: the old folder is moved aside first, so a crash before the new
     one is in place leaves ``best.old``, which a resumed run puts back."""

@@ -136,14 +136,13 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if (args.question is None) == (args.file is None):
         raise ConfigError("give one QUESTION, or --file F (- for standard input), not both")
     if args.file is None and args.question != "-":
-        lines = [args.question]
+        lines, source = [args.question], "the question"
     elif (args.file or "-") == "-":
-        lines = sys.stdin  # read as it comes: each answer is printed before the next question is read
+        lines, source = sys.stdin, "standard input"  # read as it comes: each answer before the next question
     else:
-        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        lines, source = Path(args.file).read_text(encoding="utf-8").splitlines(), args.file
     served = open_run(args.run, args.checkpoint, args.device, args.blocks, args.max_new_tokens,
                       decoding_overrides(args))
-    source = "standard input" if args.file in (None, "-") else args.file
     for record in answer(served, read_questions(lines, source), args.block_readouts):
         print(json.dumps(record), flush=True)
 

@@ -21,7 +21,9 @@ Bad records (``rim.data.records``): every file loader reads through its task's `
 from __future__ import annotations
 
 import inspect
+import os
 import random
+import types
 import typing
 from dataclasses import dataclass
 from functools import cached_property
@@ -198,7 +200,10 @@ def check_task_options(name: str, options: dict) -> dict:
         raise ConfigError(f"config key 'data.task' must be one of {', '.join(sorted(tasks))}, not {name!r}")
     params = dict(inspect.signature(tasks[name].__init__).parameters)
     params.pop("self", None)
-    hints = typing.get_type_hints(tasks[name].__init__)
+    try:
+        hints = typing.get_type_hints(tasks[name].__init__)
+    except Exception:  # noqa: BLE001 - e.g. names imported only for type checkers: no types to check
+        hints = {}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(options) - set(params))
         if unknown:
@@ -209,8 +214,17 @@ def check_task_options(name: str, options: dict) -> dict:
                and k not in options]
     if missing:
         raise ConfigError(f"config key 'data.options.{missing[0]}' is required for task {name!r}")
-    return {key: _check_type(value, hints.get(key, typing.Any), f"data.options.{key}")
+    return {key: _check_type(value, hints[key], f"data.options.{key}")
+            if key in hints and _yaml_typed(hints[key]) and not isinstance(value, os.PathLike) else value
             for key, value in options.items()}
+
+
+def _yaml_typed(hint) -> bool:
+    """Whether a type hint is made of the types YAML gives (the only ones checked; a Path, a Literal or a class
+    of the task's own is left to its constructor)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return all(_yaml_typed(arg) for arg in typing.get_args(hint))
+    return (typing.get_origin(hint) or hint) in (int, float, bool, str, dict, list, type(None))
 
 
 def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
@@ -219,6 +233,8 @@ def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
     options = check_task_options(name, options)
     try:
         task = task_classes()[name](**options)
+    except DataError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key 'data.options' of task {name!r}: {err}") from None
     task.records = Records(on_error)

@@ -670,7 +670,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     accelerator = make_accelerator(cfg, run_dir)
     start_from = resume_point(run_dir, resume)
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] + sorted(run_dir.glob("eval*"))
-    finished = [p for p in earlier if p.name.removesuffix(".old") in REPLACED or p.name.startswith("eval")]
+    # finished work: a final checkpoint, best/, evaluations, or any step checkpoint (also one that fails to verify)
+    finished = [p for p in earlier if p.name.removesuffix(".old") in REPLACED or p.name.startswith("eval")] + [
+        p for p in run_dir.glob("checkpoints/step-*") if p.name[5:].isdigit()]
     if start_from is None and earlier and not cfg.overwrite and (resume != "auto" or finished):
         # --resume auto with no step checkpoint starts again, unless the run holds finished work
         hint = ("it has no step checkpoint to resume from (train.save_every)" if resume == "auto"
