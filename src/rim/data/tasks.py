@@ -65,9 +65,7 @@ class Task:
         for split in ("train", "valid", "test"):
             try:
                 examples = self.load(split)
-            except DataError:
-                raise
-            except ValueError:  # the task has no such split
+            except UnknownSplit:  # the task has no such split
                 continue
             for ex in examples:
                 words.update(" ".join((ex.question, ex.answer) + ex.steps).split())
@@ -165,7 +163,7 @@ class JsonlTask(Task):
 
     def load(self, split: str) -> list[Example]:
         if split not in self.files:
-            raise ConfigError(f"task 'jsonl' has no file for split {split!r}; data.options.files has "
+            raise UnknownSplit(f"task 'jsonl' has no file for split {split!r}; data.options.files has "
                               f"{', '.join(sorted(self.files))}")
         return read_jsonl(self.files[split], self.records)
 
@@ -241,8 +239,10 @@ def make_task(name: str, options: dict, on_error: str = "strict") -> Task:
     return task
 
 
-def unknown_split(task: str, split: str, splits: list[str]) -> ConfigError:
-    """The error for a split the task does not have (named by ``data.*_split``, ``eval.select_split`` or
-    ``--split``)."""
-    return ConfigError(f"task {task!r} has splits {', '.join(splits)}, not {split!r} (data.train_split, "
+class UnknownSplit(ConfigError):
+    """A split the task does not have (named by ``data.*_split``, ``eval.select_split`` or ``--split``)."""
+
+
+def unknown_split(task: str, split: str, splits: list[str]) -> UnknownSplit:
+    return UnknownSplit(f"task {task!r} has splits {', '.join(splits)}, not {split!r} (data.train_split, "
                        "data.eval_split, eval.select_split or --split)")
