@@ -153,7 +153,7 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
     proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+    while time.time() < deadline and not (metrics.is_file() and '"event": "train"' in metrics.read_text()):
         time.sleep(0.2)
     workers = (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children").read_text().split()
     assert len(workers) == 2

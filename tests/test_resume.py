@@ -241,7 +241,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+    while time.time() < deadline and not (metrics.is_file() and '"event": "train"' in metrics.read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
