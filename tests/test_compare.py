@@ -83,6 +83,8 @@ def test_method_errors_name_the_method(tmp_path):
         method_configs(load_spec(path))
     with pytest.raises(ConfigError, match="'seeds'"):
         load_spec(write_spec(tmp_path, seeds="[]"))
+    with pytest.raises(ConfigError, match=r"'seeds': \[0, 0, 1\] repeats a seed"):
+        load_spec(write_spec(tmp_path, seeds="[0, 0, 1]"))
 
 
 def fake_run(root: Path, name: str, method: str, seed: int, results: dict, events: list[dict],
@@ -95,7 +97,8 @@ def fake_run(root: Path, name: str, method: str, seed: int, results: dict, event
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    base = {"task": "running-sum", "split": "test", "n": 300, "device": "cpu", "checkpoint": "checkpoint"}
+    base = {"task": "running-sum", "split": "test", "n": 300, "device": "cpu", "checkpoint": "checkpoint",
+            "eval_blocks": cfg.method.blocks, "max_eval": None}
     for out_name, metrics in {"eval": results, **{f"eval-{t}": {"final_block_accuracy": a, "task": t}
                                                   for t, a in (ood or {}).items()}}.items():
         (run / out_name).mkdir()
@@ -196,3 +199,12 @@ def test_compare_end_to_end_then_collects_without_training(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"another config \(config key 'stages.0.lr'"):
         run_compare(spec, ["stages.0.lr=2e-3"])
     assert math.isfinite(rows[1]["latency_ms"])
+    # `rim eval RUN --split valid --max-eval 3` writes into the same folder: never averaged in, scored again
+    stale = json.loads((run / "eval/results.json").read_text())
+    (run / "eval/results.json").write_text(json.dumps({**stale, "split": "valid", "max_eval": 3, "n": 3}))
+    with pytest.raises(ConfigError, match="scored with split 'valid', the run's is 'test'"):
+        collect_runs([run], tmp_path / "out")
+    monkeypatch.undo()
+    again = run_compare(spec)[1]
+    assert (again["split"], again["n"], again["final_block_accuracy"]) == ("test", 16, rim["final_block_accuracy"])
+    assert (run / "metrics.jsonl").read_bytes() == before  # not trained again

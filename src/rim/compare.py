@@ -88,6 +88,8 @@ def load_spec(path: str | Path) -> CompareSpec:
     seeds, ood = data.get("seeds", [0]), data.get("ood", [])
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
         raise ConfigError(f"compare spec key 'seeds': expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) < len(seeds):  # one run counted twice would shrink the standard error
+        raise ConfigError(f"compare spec key 'seeds': {seeds!r} repeats a seed")
     if not isinstance(ood, list) or not all(isinstance(t, str) for t in ood):
         raise ConfigError(f"compare spec key 'ood': expected a list of task names, got {ood!r}")
     output_dir = data.get("output_dir", f"runs/compare/{Path(path).stem}")
@@ -157,9 +159,25 @@ def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
     checkpoint = checkpoint_of(cfg)
     for task_name in [None, *ood]:
         out_name = eval_name(task_name, checkpoint)
-        if not (run_dir / out_name / "results.json").is_file():
-            print(f"== {run_dir.name}: scoring {task_name or cfg.data.task} ==", flush=True)
+        path = run_dir / out_name / "results.json"
+        why = "not scored yet" if not path.is_file() else not_standard(json.loads(path.read_text(encoding="utf-8")),
+                                                                       cfg, checkpoint)
+        if why:  # e.g. `rim eval RUN --split valid` wrote there since: scored again with the run's settings
+            print(f"== {run_dir.name}: scoring {task_name or cfg.data.task} ({why}) ==", flush=True)
             eval_run(run_dir, checkpoint=checkpoint, task_name=task_name, out_name=out_name)
+
+
+def not_standard(results: dict, cfg: Config, checkpoint: str) -> str | None:
+    """Why an evaluation is not the run's own (its eval split, K, problem limit and checkpoint), or None. ``rim
+    eval RUN --split/--blocks/--max-eval`` writes into the same folder, so a compare checks before it uses one."""
+    want = {"split": cfg.data.eval_split, "eval_blocks": cfg.eval.blocks or cfg.method.blocks,
+            "max_eval": cfg.data.max_eval, "checkpoint": checkpoint}
+    for key, value in want.items():
+        if key not in results:
+            return f"its results.json predates the {key!r} field"
+        if results[key] != value:
+            return f"it was scored with {key} {results[key]!r}, the run's is {value!r}"
+    return None
 
 
 def train_stats(run_dir: Path) -> tuple[int | None, float | None]:
@@ -215,6 +233,11 @@ def read_run(run_dir: str | Path, ood: list[str] | None = None) -> dict:
     results = read_results(run_dir, eval_name(None, checkpoint))
     steps, train_s = train_stats(run_dir)
     tasks = scored_ood(run_dir, cfg, checkpoint) if ood is None else ood
+    for task_name in [None, *tasks]:
+        why = not_standard(read_results(run_dir, eval_name(task_name, checkpoint)), cfg, checkpoint)
+        if why:
+            raise ConfigError(f"{run_dir / eval_name(task_name, checkpoint)}: {why}; `rim compare SPEC` scores it "
+                              "again with the run's settings")
     return {"run_dir": str(run_dir), "seed": cfg.train.seed, "method": cfg.method.name, "model": model_label(cfg),
             "task": results["task"], "split": results["split"], "n": results["n"], "device": results["device"],
             "checkpoint": checkpoint, **{key: results[key] for key in EVAL_KEYS},

@@ -89,7 +89,8 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     k = blocks if blocks is not None else cfg.eval.blocks or cfg.method.blocks
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
                       cfg.eval.latency_examples if full else 0)
-    result.metrics.update(task=task.name, split=split, checkpoint=checkpoint,
+    result.metrics.update(task=task.name, split=split, checkpoint=checkpoint, eval_blocks=k,
+                          max_eval=max_eval if max_eval is not None else cfg.data.max_eval,
                           device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
     if state.is_main_process:  # every process holds all records (evaluate gathers them); one writes
