@@ -119,6 +119,11 @@ def test_block_accuracy_prefers_the_runs_eval_results(tmp_path):
          "any_block_accuracy": 0.3}))
     source = rim.plots.block_accuracy_source(tmp_path, "best", computed)
     assert source["n"] == 9 and source["block_accuracy"] == [0.1, 0.2] and source["source"] == "eval-best/results.json"
+    for other in ({"block_accuracy": [0.1, 0.2, 0.3]}, {"split": "valid"}):  # rim eval --blocks 3 / --split valid
+        (tmp_path / "eval-best" / "results.json").write_text(json.dumps(
+            {"split": "test", "n": 9, "block_accuracy": [0.1, 0.2], "final_block_accuracy": 0.2,
+             "any_block_accuracy": 0.3, **other}))
+        assert rim.plots.block_accuracy_source(tmp_path, "best", computed)["source"] == "computed (rim plot)"
 
 
 def test_loss_plot_stages_and_lambda_curves(rim_run):
@@ -158,6 +163,18 @@ def test_analyze_writes_pca_and_probes_on_disjoint_questions(rim_run, capsys):
 def test_analyze_refuses_scoring_on_the_probe_split(rim_run, capsys):
     assert main(["analyze", str(rim_run), "--probe-split", "test", "--score-split", "test"]) == 2
     assert "fitted on other problems" in capsys.readouterr().err
+
+
+def test_analyze_refuses_splits_that_leave_no_probe_problems():
+    from rim.config import ConfigError
+    from rim.data.tasks import Example, Task
+
+    class Same(Task):  # a valid file that is a copy of the test file
+        def load(self, split):
+            return [Example("1 2", ("3",), "3"), Example("4 5", ("9",), "9")]
+
+    with pytest.raises(ConfigError, match="no problems to fit the probes on: .* 0 of the 'valid' split's 2"):
+        rim.analyze.held_out_examples(Same(), "valid", "test", None)
 
 
 def test_plot_of_a_method_without_blocks_is_only_the_loss(tmp_path):

@@ -248,6 +248,10 @@ def held_out_examples(task: Task, probe_split: str, score_split: str, limit: int
     scored = {ex.question for ex in score}
     probe = task.load(probe_split)
     kept = [ex for ex in probe if ex.question not in scored]
+    if not score or not kept:
+        raise ConfigError(f"no problems to {'score' if not score else 'fit the probes'} on: the {score_split!r} split "
+                          f"has {len(score)}, and {len(kept)} of the {probe_split!r} split's {len(probe)} are not in "
+                          "it; choose other splits (--probe-split, --score-split)")
     return kept[:limit], score, len(probe) - len(kept)
 
 

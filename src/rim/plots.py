@@ -173,12 +173,15 @@ def plot_accuracy_vs_k(result: dict, path: Path) -> None:
 
 def block_accuracy_source(run_dir: str | Path, checkpoint: str, computed: dict) -> dict:
     """Each block's readout accuracy at the trained K: from the checkpoint's ``rim eval`` results when they have
-    it, else the first K entries of the K = 0..16 evaluation (a block's readout does not depend on K)."""
+    it at that K and split, else the first K entries of the K = 0..16 evaluation (a block's readout does not depend on K)."""
     name = "eval" + ("" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_"))
     path = Path(run_dir) / name / "results.json"
     if path.is_file():
         results = json.loads(path.read_text(encoding="utf-8"))
-        if results.get("block_accuracy"):
+        # only an evaluation at the trained K on this split (rim eval --blocks/--split write into the same folder;
+        # its n is shown)
+        if (results.get("block_accuracy") and len(results["block_accuracy"]) == computed["trained_blocks"]
+                and results["split"] == computed["split"]):
             return {"source": f"{name}/results.json", "split": results["split"], "n": results["n"],
                     "block_accuracy": results["block_accuracy"],
                     "final_block_accuracy": results["final_block_accuracy"],
