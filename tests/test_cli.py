@@ -131,3 +131,18 @@ def test_demo_writes_results_json(tmp_path):
     assert rows[0]["any_block_accuracy"] is None and rows[2]["any_block_accuracy"] is not None
     assert rows[1]["generated_tokens"] > rows[0]["generated_tokens"]  # CoT generates its reasoning
     assert "| rim |" in done.stdout
+
+
+def test_demo_without_latency_and_a_stopped_run_name_what_happened(tmp_path):
+    """eval.latency_examples=0 leaves the times out ("-"); a run that stops (a non-finite loss) ends the demo
+    with its exit status and the method's name, not a traceback."""
+    tiny = ["model.tiny_layers=1", "model.tiny_hidden=16", "model.tiny_heads=2", "train.progress=false",
+            "data.options={digits: 3, n_train: 16, n_test: 4, n_valid: 4}", "stages.0.steps=1",
+            "eval.latency_examples=0", "train.batch_size=8"]
+    done = rim("demo", "--out", str(tmp_path / "demo"), "--methods", "nocot", *tiny)
+    assert done.returncode == 0, done.stderr
+    assert "| nocot |" in done.stdout and "| - | - |" in done.stdout
+    done = rim("demo", "--out", str(tmp_path / "demo"), "--methods", "nocot,cot", *tiny, "stages.0.lr=1e30",
+               "stages.0.steps=3")
+    assert done.returncode == 3 and "demo method 'nocot': non-finite loss" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -96,9 +96,15 @@ def test_exported_rim_model_answers_like_rim_in_plain_transformers(rim_runs, mon
     from rim.eval.run import load_run
 
     run = rim_runs[mode]
+    (tmp_path / "hf.tmp").mkdir()  # a folder of the user's beside the output: left alone
+    (tmp_path / "hf.tmp" / "notes.txt").write_text("mine")
     code, out, err = cli(monkeypatch, capsys, "export", str(run), str(tmp_path / "hf"))
     assert code == 0, err
     folder = tmp_path / "hf"
+    assert (tmp_path / "hf.tmp" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left
+    code, _, err = cli(monkeypatch, capsys, "export", str(run), str(tmp_path / "hf.tmp" / "notes.txt"))
+    assert code == 2 and "notes.txt is a file; export into a new folder" in err
     assert (folder / "model.safetensors").is_file() and not (folder / "adapter_model.safetensors").exists()
     gen = GenerationConfig.from_pretrained(folder)
     assert gen.do_sample is False and gen.max_new_tokens == 4 and gen.eos_token_id == 2

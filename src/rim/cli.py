@@ -46,13 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rim.config import load_config
     from rim.train.loop import train
 
-    from rim.train.loop import TrainingStopped
-
-    try:
-        run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
-    except TrainingStopped as err:
-        print(f"rim: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    run_dir = train(load_config(args.config, args.overrides), resume=args.resume)
     print(f"run directory: {run_dir}")
 
 
@@ -384,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RIM_DATA_DIR"] = args.data_dir
     from rim.config import ConfigError
     from rim.data.tasks import DataError
+    from rim.train.loop import TrainingStopped
     from rim.train.state import CheckpointError
 
     try:
@@ -391,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # rim train, and the runs of rim compare and rim demo
+        print(f"rim: {err}", file=sys.stderr)
+        return err.exit_code
     finally:
         leave_process_group()
     return code or 0

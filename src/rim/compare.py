@@ -148,14 +148,19 @@ def check_unchanged(run_dir: Path, cfg: Config) -> None:
 def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
     """Train the run unless it is finished (or ``retrain``), then score what is not scored yet."""
     from rim.eval.run import eval_run
-    from rim.train.loop import train
+    from rim.train.loop import TrainingStopped, train
 
     run_dir = Path(cfg.output_dir)
     if (run_dir / "checkpoint" / "rim.json").is_file() and not retrain:
         check_unchanged(run_dir, cfg)
     else:  # no finished run there (a crashed one is replaced) or --retrain
         print(f"== {run_dir.name}: training ==", flush=True)
-        train(dataclasses.replace(cfg, overwrite=True))
+        try:
+            train(dataclasses.replace(cfg, overwrite=True))
+        except TrainingStopped as err:  # the advice is for this run inside the compare
+            err.args = (f"compare run {run_dir}: {err} (`rim train {run_dir / 'config.yaml'} --resume auto` "
+                        "continues it there; `rim compare` would train it again from the start)",)
+            raise
     checkpoint = checkpoint_of(cfg)
     for task_name in [None, *ood]:
         out_name = eval_name(task_name, checkpoint)

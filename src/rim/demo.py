@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rim.config import load_config
 from rim.eval.run import eval_run
-from rim.train.loop import train
+from rim.train.loop import TrainingStopped, train
 
 DEMO_METHODS = ("nocot", "cot", "rim")
 ALL_METHODS = ("nocot", "cot", "pause", "icot", "coconut", "rim")
@@ -36,8 +36,9 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         anyb = "-" if r["any_block_accuracy"] is None else f"{100 * r['any_block_accuracy']:.1f}%"
+        ttft, latency = ("-" if r[k] is None else f"{r[k]:.2f}" for k in ("ttft_ms", "latency_ms"))  # untimed
         lines.append(f"| {r['method']} | {100 * r['final_block_accuracy']:.1f}% | {anyb} | "
-                     f"{r['generated_tokens']:.1f} | {r['ttft_ms']:.2f} | {r['latency_ms']:.2f} | {r['n']} |")
+                     f"{r['generated_tokens']:.1f} | {ttft} | {latency} | {r['n']} |")
     return "\n".join(lines)
 
 
@@ -51,12 +52,16 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, methods: tuple[st
                           [f"train.seed={seed}", f"output_dir={out_dir / method}", "overwrite=true",
                            *(overrides or [])])
         print(f"== {method}: training ==", flush=True)
-        train(cfg)
+        try:
+            train(cfg)
+        except TrainingStopped as err:
+            err.args = (f"demo method {method!r}: {err}",)
+            raise
         metrics = eval_run(cfg.output_dir).metrics
         rows.append({key: metrics[key] for key in RESULT_KEYS})
         print(format_table(rows[-1:]), flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        out_dir.mkdir(parents=True, exist_ok=True)  # after every method: a later failure keeps these rows
+        (out_dir / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     print("\n" + format_table(rows))
     print(f"\nresults: {out_dir / 'results.json'}")
     return rows

@@ -173,7 +173,8 @@ def plot_accuracy_vs_k(result: dict, path: Path) -> None:
 
 def block_accuracy_source(run_dir: str | Path, checkpoint: str, computed: dict) -> dict:
     """Each block's readout accuracy at the trained K: from the checkpoint's ``rim eval`` results when they have
-    it at that K and split, else the first K entries of the K = 0..16 evaluation (a block's readout does not depend on K)."""
+    it at that K and split, else the first K entries of the K = 0..16 evaluation (a block's readout does not
+    depend on K)."""
     name = "eval" + ("" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_"))
     path = Path(run_dir) / name / "results.json"
     if path.is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
     from transformers import GenerationConfig
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; export into a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is {'not empty' if out.is_dir() else 'a file'}; export into a new folder")
     served = open_run(run_dir, checkpoint, "cpu", blocks, max_new_tokens)
     suffix = prompt_suffix(served)
     tok, model = served.tokenizer, served.model
@@ -167,17 +168,21 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=served.max_new_tokens,
                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.bos_token_id)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    cfg = served.cfg
-    meta = {"method": served.method.name, "prompt_format": cfg.data.prompt_format, "prompt_suffix": text,
-            "prompt_suffix_ids": suffix, "blocks": served.blocks if served.method.any_block else None,
-            "memory_tokens": cfg.method.memory_tokens if served.method.any_block else None,
-            "base_model": cfg.model.name, "task": cfg.data.task, "run": str(run_dir), "checkpoint": checkpoint}
-    (tmp / "rim.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(model_card(served, meta, Path(run_dir)), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a new folder of its own, renamed at the end
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        cfg = served.cfg
+        meta = {"method": served.method.name, "prompt_format": cfg.data.prompt_format, "prompt_suffix": text,
+                "prompt_suffix_ids": suffix, "blocks": served.blocks if served.method.any_block else None,
+                "memory_tokens": cfg.method.memory_tokens if served.method.any_block else None,
+                "base_model": cfg.model.name, "task": cfg.data.task, "run": str(run_dir), "checkpoint": checkpoint}
+        (tmp / "rim.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(served, meta, Path(run_dir)), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)
