@@ -71,7 +71,7 @@ def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     summary = json.loads((run / "eval-protocol/results.json").read_text())
     assert summary["checkpoints"] == ["checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6", "checkpoint"]
     assert summary["score_size"] == 12 and len(summary["scores"]) == 4 and "+-" in done.stdout
-    assert summary["split"] == "test"
+    assert summary["split"] == "test" and summary["task"] == "running-sum"  # the model card shows it
     assert "keep_last" not in done.stderr
     (run / "checkpoints/step-8.tmp").mkdir()  # an interrupted save is not a checkpoint
     config = run / "config.yaml"  # as if the run had pruned its checkpoints: the protocol says what it chose among

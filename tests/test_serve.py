@@ -153,6 +153,8 @@ def test_questions_from_a_file_text_or_json(rim_runs, monkeypatch, capsys, tmp_p
     assert [json.loads(line)["question"] for line in out.splitlines()] == ["1 2 3", "4 5 6"]
     code, _, err = cli(monkeypatch, capsys, "answer", str(rim_runs["full"]), "1 2 3", "--file", str(path))
     assert code == 2 and "not both" in err
+    code, _, err = cli(monkeypatch, capsys, "answer", str(rim_runs["full"]), " ")
+    assert code == 2 and "the question is empty" in err
     path.write_text('{"question": "1 2 3"}\n{"question": 12}\n')
     code, out, err = cli(monkeypatch, capsys, "answer", str(rim_runs["full"]), "--file", str(path), "--device", "cpu")
     assert code == 2 and f"{path}, line 2: 'question' must be non-empty text, not 12" in err

@@ -27,6 +27,14 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1."""
+    try:
+        return [positive(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers >= 1, not {text!r}") from None
+
+
 def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -130,6 +138,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if (args.question is None) == (args.file is None):
         raise ConfigError("give one QUESTION, or --file F (- for standard input), not both")
     if args.file is None and args.question != "-":
+        if not args.question.strip():
+            raise ConfigError("the question is empty")
         lines, source = [args.question], "the question"
     elif (args.file or "-") == "-":
         lines, source = sys.stdin, "standard input"  # read as it comes: each answer before the next question
@@ -286,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="folder for bench-<shape>-<suite>.json and .md")
     p.add_argument("--repeats", type=positive, default=10, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=non_negative, default=2, help="untimed runs before them")
-    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 64],
+    p.add_argument("--batch-sizes", type=positive_list, default=[1, 64],
                    help="latency batch sizes, comma-separated (default: 1,64)")
     p.add_argument("--train-batch", type=positive, default=32, help="training batch size (default: 32)")
     p.add_argument("--train-mode", default="auto", choices=["auto", "full", "lora"],

@@ -122,12 +122,12 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
     if keep:
         warnings.warn(f"{run_dir}: train.keep_last={keep} deleted older checkpoints; the protocol selects among the "
                       f"{len(names)} that remain, not among every checkpoint the run wrote", stacklevel=2)
-    correct, per_checkpoint = [], {}
+    correct, per_checkpoint, task = [], {}, task_name
     for name in names:
         out_name = f"{out_dir}/{name.replace('/', '_')}"
         result = eval_run(run_dir, split, blocks, max_eval, device, out_name, name, task_name, full=False,
                           overrides=overrides)
-        split = result.metrics["split"]
+        split, task = result.metrics["split"], result.metrics["task"]
         correct.append([r["correct"] for r in result.records])
         if not 0 < select_size < len(correct[0]):  # checked on the first checkpoint, not after all of them
             raise ConfigError(f"--select-size must be between 1 and {len(correct[0]) - 1} (the {split!r} split "
@@ -135,7 +135,7 @@ def eval_protocol(run_dir: str | Path, split: str | None = None, n_splits: int =
         per_checkpoint[name] = result.metrics["final_block_accuracy"]
     summary = split_protocol(correct, n_splits, select_size, seed)
     summary.update(checkpoints=names, chosen_names=[names[c] for c in summary["chosen"]],
-                   accuracy_per_checkpoint=per_checkpoint, split=split, task=task_name)
+                   accuracy_per_checkpoint=per_checkpoint, split=split, task=task)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

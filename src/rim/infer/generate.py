@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rim.config import ConfigError
+
 CACHES = ("dynamic", "static")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # record CUDA graphs (on a GPU)
@@ -111,6 +113,16 @@ def decoding_forward(model: nn.Module, compile: bool | str):
     return functools.partial(_compiled(type(model).forward, compile), model)
 
 
+def check_positions(model: nn.Module, needed: int) -> None:
+    """A clear error when decoding would need more positions than the model has (learned position embeddings,
+    e.g. GPT-2's, fail with an index error deep inside the forward otherwise)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and needed > limit:
+        raise ConfigError(f"the prompt and its answer need {needed} positions and the model has "
+                          f"{limit} (max_position_embeddings): use fewer blocks (--blocks), a shorter question or "
+                          "fewer new tokens")
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                     use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None,
@@ -134,6 +146,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         raise ValueError("hidden prompt tokens need use_cache=True (without a cache the prompt is fed again)")
     if compile and cache != "static":
         raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step: it would recompile)")
+    # the last generated token is never fed: positions up to prompt + latents + after + max_new_tokens - 2
+    check_positions(model, max(len(p) for p in prompts) + latents + len(after_latents or []) + max_new_tokens - 1)
     device = next(model.parameters()).device
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)

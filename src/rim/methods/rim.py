@@ -9,7 +9,8 @@ from rim.core.batch import collate
 from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
                              memory_block, refinement_readouts)
 from rim.core.mask import attention_mask
-from rim.infer.generate import cache_argument, decoding_forward, greedy_generate, static_cache, static_length
+from rim.infer.generate import (cache_argument, check_positions, decoding_forward, greedy_generate, static_cache,
+                                static_length)
 from rim.methods.base import Method, register
 from rim.models.adapter import MEMORY_TOKENS, check_kept, logits_at, model_mask
 
@@ -87,6 +88,7 @@ class RiM(Method):
         if max_new_tokens <= 0:
             return [[[] for _ in range(blocks)] for _ in questions]
         decoding = self.decoding(cache, compile)
+        check_positions(model, max(map(len, questions)) + blocks * len(self.block) + max_new_tokens - 1)
         device = next(model.parameters()).device
         # the training layout with empty readouts is the prefix, right-padded: segments, indices and positions
         batch = collate([build_layout(q, [self.block] * blocks, [Readout([])] * blocks, eos_id) for q in questions],
