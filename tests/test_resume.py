@@ -91,6 +91,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, recipe, cra
     assert [e["step"] for e in events if e["event"] == "resume"] == [crash - crash % 2]
 
 
+def test_a_resumed_runs_training_time_counts_the_time_before_its_checkpoint(tmp_path, monkeypatch):
+    """The done event's train_s (rim compare's "train s") is the whole run's: a first process whose clock reads
+    100 s a step, then a resumed one on the real clock, report more than 100 s, not the resumed part only."""
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 100.0
+        return clock[0]
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "time", types.SimpleNamespace(perf_counter=tick))
+        crashed_run(tmp_path, monkeypatch, 5)
+    run = train(config(tmp_path, "cut", RIM), resume="auto")
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "done" and events[-1]["train_s"] > 100
+
+
 def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
     cfg = crashed_run(tmp_path, monkeypatch, 9)
     newest = tmp_path / "cut" / "checkpoints" / "step-8"

@@ -182,3 +182,19 @@ def test_every_method_answers_and_exports_or_says_why_not(tmp_path, monkeypatch,
     suffix = json.loads((tmp_path / "hf/rim.json").read_text())["prompt_suffix"]
     assert suffix == ("<pause>" * 9 if method == "pause" else "")  # K (M + 2) pauses by default
     assert [r["output"] for r in records] == plain_transformers(tmp_path / "hf", suffix)
+    # the card's own answer rule, run on these outputs and on one without "####", gives rim answer's answers
+    rule = next(line for line in (tmp_path / "hf/README.md").read_text().splitlines() if line.startswith("answer ="))
+    for text in [r["output"] for r in records] + ["12 + 3 no separator"]:
+        scope = {"text": text}
+        exec(rule, scope)
+        assert scope["answer"] == RunningSum().extract_answer(text, cot=cot)
+
+
+def test_the_card_names_the_k_that_refinement_trained_with():
+    from rim.config import load_config
+    from rim.serve import trained_blocks
+
+    cfg = load_config(None, ["method.blocks=4", "stages=[{name: g, kind: grounding, steps: 1},"
+                                               " {name: r, kind: refinement, steps: 1, blocks: 6}]"])
+    assert trained_blocks(cfg) == 6
+    assert trained_blocks(load_config(None, ["method.blocks=4"])) == 4

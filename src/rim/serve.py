@@ -229,6 +229,12 @@ def results_table(run_dir: Path) -> str:
     return "\n".join(head + rows) + "\n\n" + note + "\n"
 
 
+def trained_blocks(cfg: Config) -> int:
+    """The K the final refinement stage trained with (a stage may set its own ``blocks``)."""
+    return next((s.blocks or cfg.method.blocks for s in reversed(cfg.stages) if s.kind == "refinement"),
+                cfg.method.blocks)
+
+
 def model_card(served: Served, meta: dict, run_dir: Path) -> str:
     """README.md of an exported model: method, prompt suffix, training data, measured results, usage."""
     cfg, method = served.cfg, served.method
@@ -266,7 +272,7 @@ def model_card(served: Served, meta: dict, run_dir: Path) -> str:
         block = "".join(served.tokenizer.convert_ids_to_tokens(method.block))
         lines += [f"- K = {served.blocks} memory blocks of M = {cfg.method.memory_tokens} memory tokens; one block is "
                   f"`{block}` (ids `{method.block}`). K may be changed at inference: repeat the block K times "
-                  f"(trained with K = {cfg.method.blocks})."]
+                  f"(trained with K = {trained_blocks(cfg)})."]
     lines += [
         "", "The suffix text tokenizes to exactly the suffix ids with this tokenizer; appending the ids to the "
         "question's ids is the safest form. `rim.json` holds the same in machine-readable form. A special "
@@ -283,7 +289,8 @@ def model_card(served: Served, meta: dict, run_dir: Path) -> str:
         f"ids = torch.tensor([{question} + SUFFIX])",
         "out = model.generate(ids, attention_mask=torch.ones_like(ids))  # greedy, from generation_config.json",
         "text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)",
-        ("answer = text.rsplit(\"####\", 1)[-1].strip()" if method.cot else "answer = text.strip()"),
+        ("answer = text.rsplit(\"####\", 1)[1].strip() if \"####\" in text else \"\""  # as rim answer
+         if method.cot else "answer = text.strip()"),
         "```", "",
         "Any engine that takes a prompt as token ids (or as text with added tokens split out) and decodes greedily "
         "runs this model the same way; no custom attention mask or code is needed at inference.", "",

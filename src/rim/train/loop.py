@@ -366,6 +366,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     loss_sum = torch.tensor(pos.log_loss if resumed is not None else 0.0, device=accelerator.device)
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss since the last check
     start = window_start = time.perf_counter()
+    clock_base = pos.train_s  # the run's training time before this stage (or before the resumed checkpoint)
     window_tokens = 0  # tokens this process has processed since the last log line (or the start of this process)
     while step < total:
         sampler.epoch = pos.epoch
@@ -403,6 +404,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             scheduler.step()
             step += 1
             pos.stage_step, pos.step = step, first_step + step
+            pos.train_s = clock_base + time.perf_counter() - start
             bar.update(1)
             stage_end = step == total
             signum = stop.agreed(accelerator)  # the same on every process, read once per step
@@ -741,14 +743,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
              for stage in cfg.stages]
     if accelerator.is_main_process:
         (run_dir / "layout.txt").write_text("\n\n".join(views) + "\n", encoding="utf-8")
-    optimizer, start = None, time.perf_counter()
+    optimizer, start, before = None, time.perf_counter(), pos.train_s  # before: up to the resumed checkpoint
     with StopSignals() as stop:
         while pos.stage < len(cfg.stages):
             optimizer = run_stage(cfg, cfg.stages[pos.stage], model, method, data, tokenizer, accelerator, optimizer,
                                   log, pos, checkpointer, stop, resumed)
             resumed = None
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
-    log.write(event="done", steps=pos.step, train_s=time.perf_counter() - start)
+    log.write(event="done", steps=pos.step, train_s=before + time.perf_counter() - start)
     accelerator.end_training()
     return run_dir
 

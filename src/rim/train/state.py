@@ -32,7 +32,8 @@ class Position:
     """Where training stands: stage index, optimizer steps into the stage and overall, epochs completed in the
     stage and micro-batches consumed in the current epoch; and the training-loss window since the last ``train``
     log line (the sum of its micro-batch losses, averaged over processes, their count, and the tokens seen in the
-    stage), so that a resumed run logs what an uninterrupted one does. The window is current in saved states."""
+    stage), so that a resumed run logs what an uninterrupted one does. The window is current in saved states;
+    so is ``train_s``, from which a resumed run counts on (its ``done`` event reports the whole run's time)."""
 
     stage: int = 0
     stage_step: int = 0
@@ -42,6 +43,7 @@ class Position:
     log_loss: float = 0.0
     log_batches: int = 0
     log_tokens: int = 0
+    train_s: float = 0.0  # training time up to here, summed over the processes' runs that got here (resumes)
 
 
 def sha256(path: Path) -> str:
