@@ -199,6 +199,11 @@ def test_compare_end_to_end_then_collects_without_training(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"another config \(config key 'stages.0.lr'"):
         run_compare(spec, ["stages.0.lr=2e-3"])
     assert math.isfinite(rows[1]["latency_ms"])
+    # an exploratory `rim eval RUN --task multiplication --max-eval 10` is not one of the run's OOD scores
+    (run / "eval-multiplication").mkdir()
+    (run / "eval-multiplication/results.json").write_text(json.dumps(
+        {**json.loads((run / "eval/results.json").read_text()), "task": "multiplication", "max_eval": 10}))
+    assert not any(k.startswith("ood_multiplication") for k in collect_runs([run], tmp_path / "out")[0])
     # `rim eval RUN --split valid --max-eval 3` writes into the same folder: never averaged in, scored again
     stale = json.loads((run / "eval/results.json").read_text())
     (run / "eval/results.json").write_text(json.dumps({**stale, "split": "valid", "max_eval": 3, "n": 3}))
@@ -208,3 +213,11 @@ def test_compare_end_to_end_then_collects_without_training(tmp_path, monkeypatch
     again = run_compare(spec)[1]
     assert (again["split"], again["n"], again["final_block_accuracy"]) == ("test", 16, rim["final_block_accuracy"])
     assert (run / "metrics.jsonl").read_bytes() == before  # not trained again
+
+
+def test_a_run_that_diverges_names_itself_and_what_to_change(tmp_path):
+    from rim.train.loop import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match=r"compare run .*-s0: non-finite loss in stage .*; change the spec"):
+        run_compare(write_spec(tmp_path), ["stages.0.lr=1e30"])
+

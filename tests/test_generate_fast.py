@@ -155,23 +155,32 @@ def test_static_cache_on_a_sliding_window_model_and_an_empty_budget():
         assert greedy_generate(model, prompts, 0, -1, 0, cache=cache).tokens == [[], []]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decoding_past_the_models_positions_is_a_clear_error(family):
-    """GPT-2's learned positions fail with an index error past n_positions: a ConfigError says so first. Exactly
-    the model's positions still decode (the last token is never fed), for a plain prompt and RiM's K readouts."""
+def test_decoding_past_learned_positions_is_a_clear_error_when_it_gets_there():
+    """GPT-2's learned positions fail with an index error past n_positions: a ConfigError says so before the
+    pass that would. Exactly the model's positions still decode (the last token is never fed), a decode that
+    stops before the limit is not refused, and a rotary model (no position table) decodes past its number."""
     from conftest import WORDS
     from rim.config import MethodConfig
+    from rim.infer.generate import learned_positions
     from rim.methods import make_method
     from rim.models.adapter import add_memory_tokens
 
     tok = word_tokenizer(WORDS)
-    model = tiny_model(len(tok), family, layers=1, hidden=16, heads=2, max_positions=12).eval()
-    add_memory_tokens(tok, model)
+    models = {family: tiny_model(len(tok), family, layers=1, hidden=16, heads=2, max_positions=12).eval()
+              for family in FAMILIES}
+    for model in models.values():
+        add_memory_tokens(tok, model)
+    gpt2, llama = models["gpt2"], models["llama"]
+    assert learned_positions(gpt2) == 12 and learned_positions(llama) is None
     prompt = [1, 4, 5, 6, 7, 8, 9, 10]
-    assert len(greedy_generate(model, [prompt], 0, -1, 5).tokens[0]) == 5  # positions 0..11
-    with pytest.raises(ConfigError, match="need 13 positions and the model has 12"):
-        greedy_generate(model, [prompt], 0, -1, 6)
+    assert len(greedy_generate(gpt2, [prompt], 0, -1, 5).tokens[0]) == 5  # positions 0..11
+    with pytest.raises(ConfigError, match="reached position 12 and the model has 12 positions"):
+        greedy_generate(gpt2, [prompt], 0, -1, 6)
+    first = greedy_generate(gpt2, [prompt], 0, -1, 1).tokens[0][0]
+    assert greedy_generate(gpt2, [prompt], 0, first, 20).tokens == [[]]  # stops at once: never gets there
+    assert len(greedy_generate(llama, [prompt], 0, -1, 20).tokens[0]) == 20
     rim = make_method(MethodConfig(name="rim", memory_tokens=1), tok)  # blocks of 3 tokens
-    assert len(rim.decode_blocks(model, [[1, 4, 5]], 2, 0, -1, 4)[0][1]) == 4  # 3 + 2 x 3 + 4 - 1 = 12
-    with pytest.raises(ConfigError, match="need 13 positions"):
-        rim.decode_blocks(model, [[1, 4, 5]], 2, 0, -1, 5)
+    assert len(rim.decode_blocks(gpt2, [[1, 4, 5]], 2, 0, -1, 4)[0][1]) == 4  # 3 + 2 x 3 + 4 - 1 = 12
+    with pytest.raises(ConfigError, match="reached position 12"):
+        rim.decode_blocks(gpt2, [[1, 4, 5]], 2, 0, -1, 5)
+    assert len(rim.decode_blocks(llama, [[1, 4, 5]], 2, 0, -1, 9)[0][1]) == 9

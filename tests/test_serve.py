@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,9 @@ def test_exported_rim_model_answers_like_rim_in_plain_transformers(rim_runs, mon
     folder = tmp_path / "hf"
     assert (tmp_path / "hf.tmp" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder.stat().st_mode & 0o777) == 0o777 & ~umask  # readable as a folder made the usual way
     code, _, err = cli(monkeypatch, capsys, "export", str(run), str(tmp_path / "hf.tmp" / "notes.txt"))
     assert code == 2 and "notes.txt is a file; export into a new folder" in err
     assert (folder / "model.safetensors").is_file() and not (folder / "adapter_model.safetensors").exists()

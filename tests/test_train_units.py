@@ -59,6 +59,10 @@ def test_memory_rows_start_at_mean_even_with_spare_vocab_rows():
         model.get_input_embeddings().weight[mem.all] = 1.0  # "trained"
     assert add_memory_tokens(tok, model) == mem  # already present: trained rows are kept
     assert (model.get_input_embeddings().weight[mem.all] == 1.0).all()
+    base = tiny_model(len(word_tokenizer(WORDS)), "llama", layers=1, hidden=16, heads=2)  # a model without them
+    real_mean = base.get_input_embeddings().weight.mean(0).clone()
+    assert add_memory_tokens(tok, base) == mem and base.get_input_embeddings().weight.shape[0] == len(tok)
+    assert torch.allclose(base.get_input_embeddings().weight[mem.all], real_mean.expand(3, -1))
 
 
 def test_optimizer_reset_frees_the_old_state():

@@ -148,7 +148,7 @@ def check_unchanged(run_dir: Path, cfg: Config) -> None:
 def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
     """Train the run unless it is finished (or ``retrain``), then score what is not scored yet."""
     from rim.eval.run import eval_run
-    from rim.train.loop import TrainingStopped, train
+    from rim.train.loop import NonFiniteLoss, TrainingStopped, train
 
     run_dir = Path(cfg.output_dir)
     if (run_dir / "checkpoint" / "rim.json").is_file() and not retrain:
@@ -158,8 +158,11 @@ def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
         try:
             train(dataclasses.replace(cfg, overwrite=True))
         except TrainingStopped as err:  # the advice is for this run inside the compare
-            err.args = (f"compare run {run_dir}: {err} (`rim train {run_dir / 'config.yaml'} --resume auto` "
-                        "continues it there; `rim compare` would train it again from the start)",)
+            what = ("change the spec (e.g. a lower learning rate) and run `rim compare` again, which trains it "
+                    "again from the start" if isinstance(err, NonFiniteLoss) else "`rim compare` trains it again "
+                    f"from the start; `rim train {run_dir / 'config.yaml'} --resume auto` continues it from its "
+                    "last step checkpoint instead (train.save_every)")
+            err.args = (f"compare run {run_dir}: {str(err).split('; ')[0]}; {what}",)
             raise
     checkpoint = checkpoint_of(cfg)
     for task_name in [None, *ood]:
@@ -210,11 +213,14 @@ def read_results(run_dir: Path, out_name: str) -> dict:
 
 
 def scored_ood(run_dir: Path, cfg: Config, checkpoint: str) -> list[str]:
-    """Tasks other than the trained one that this checkpoint of the run has been scored on (for ``--collect``)."""
+    """Tasks other than the trained one that this checkpoint of the run has been scored on with the run's own
+    settings (for ``--collect``)."""
     tasks = []
     for path in sorted(run_dir.glob("eval-*/results.json")):
-        task_name = json.loads(path.read_text(encoding="utf-8")).get("task")
-        if task_name and task_name != cfg.data.task and path.parent.name == eval_name(task_name, checkpoint):
+        results = json.loads(path.read_text(encoding="utf-8"))
+        task_name = results.get("task")
+        if (task_name and task_name != cfg.data.task and path.parent.name == eval_name(task_name, checkpoint)
+                and not_standard(results, cfg, checkpoint) is None):  # not one with other --max-eval, --blocks..
             tasks.append(task_name)
     return tasks
 

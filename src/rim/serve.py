@@ -10,6 +10,7 @@ Coconut is refused: its thoughts are hidden states fed back as inputs, which no 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -170,6 +171,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
                                                bos_token_id=tok.bos_token_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # a new folder of its own, renamed at the end
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as a folder made the usual way (mkdtemp makes it private)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -180,12 +184,12 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
                 "base_model": cfg.model.name, "task": cfg.data.task, "run": str(run_dir), "checkpoint": checkpoint}
         (tmp / "rim.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(served, meta, Path(run_dir)), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return out
 
 

@@ -113,14 +113,25 @@ def decoding_forward(model: nn.Module, compile: bool | str):
     return functools.partial(_compiled(type(model).forward, compile), model)
 
 
-def check_positions(model: nn.Module, needed: int) -> None:
-    """A clear error when decoding would need more positions than the model has (learned position embeddings,
-    e.g. GPT-2's, fail with an index error deep inside the forward otherwise)."""
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings has (GPT-2's ``n_positions``), or
+    None: an embedding table of ``max_position_embeddings`` rows beside the token embedding. Rotary models have
+    none, and decode past that number as Hugging Face's ``generate`` lets them."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and needed > limit:
-        raise ConfigError(f"the prompt and its answer need {needed} positions and the model has "
-                          f"{limit} (max_position_embeddings): use fewer blocks (--blocks), a shorter question or "
-                          "fewer new tokens")
+    if not isinstance(limit, int):
+        return None
+    tokens = model.get_input_embeddings()
+    found = any(isinstance(m, nn.Embedding) and m is not tokens and m.num_embeddings == limit for m in model.modules())
+    return limit if found else None
+
+
+def check_positions(limit: int | None, needed: int) -> None:
+    """A clear error before a forward pass would feed a position past a learned position table (it fails with an
+    index error deep inside the model otherwise, and a device-side assert on a GPU)."""
+    if limit is not None and needed > limit:
+        raise ConfigError(f"decoding reached position {needed - 1} and the model has {limit} positions "
+                          "(max_position_embeddings): use fewer blocks (--blocks), a shorter question or fewer new "
+                          "tokens")
 
 
 @torch.no_grad()
@@ -146,8 +157,6 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         raise ValueError("hidden prompt tokens need use_cache=True (without a cache the prompt is fed again)")
     if compile and cache != "static":
         raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step: it would recompile)")
-    # the last generated token is never fed: positions up to prompt + latents + after + max_new_tokens - 2
-    check_positions(model, max(len(p) for p in prompts) + latents + len(after_latents or []) + max_new_tokens - 1)
     device = next(model.parameters()).device
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
@@ -172,7 +181,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         first = torch.tensor([length - len(p) for p in prompts], device=device)[:, None]
         seen_later = (column < first) | (column >= first + torch.tensor(hidden, device=device)[:, None])
         mask = mask * seen_later  # what everything after the prompt attends to
-    decode = decoding_forward(model, compile)
+    decode, limit = decoding_forward(model, compile), learned_positions(model)
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     fed, pending, step_s, cache_arg = None, as_input(ids), [], cache_argument(model)
@@ -180,6 +189,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     while len(step_s) < max_new_tokens:
         inputs = pending if use_cache or fed is None else torch.cat([fed, pending], dim=1)
         end = seen + pending.shape[1]
+        check_positions(limit, end)  # the longest prompt's last column fed has position end - 1
         forward = decode if fed is not None and not plan else model  # prefill and thoughts stay uncompiled
         step_mask = prompt_mask if fed is None else mask
         out = forward(attention_mask=step_mask if cache == "static" else step_mask[:, :end],

@@ -9,8 +9,8 @@ from rim.core.batch import collate
 from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
                              memory_block, refinement_readouts)
 from rim.core.mask import attention_mask
-from rim.infer.generate import (cache_argument, check_positions, decoding_forward, greedy_generate, static_cache,
-                                static_length)
+from rim.infer.generate import (cache_argument, check_positions, decoding_forward, greedy_generate, learned_positions,
+                                static_cache, static_length)
 from rim.methods.base import Method, register
 from rim.models.adapter import MEMORY_TOKENS, check_kept, logits_at, model_mask
 
@@ -88,7 +88,7 @@ class RiM(Method):
         if max_new_tokens <= 0:
             return [[[] for _ in range(blocks)] for _ in questions]
         decoding = self.decoding(cache, compile)
-        check_positions(model, max(map(len, questions)) + blocks * len(self.block) + max_new_tokens - 1)
+        limit = learned_positions(model)
         device = next(model.parameters()).device
         # the training layout with empty readouts is the prefix, right-padded: segments, indices and positions
         batch = collate([build_layout(q, [self.block] * blocks, [Readout([])] * blocks, eos_id) for q in questions],
@@ -120,6 +120,7 @@ class RiM(Method):
             past = DynamicCache()
         step = decoding_forward(model, decoding["compile"]) if decoding["cache"] == "static" else model
         cache_arg, keep = cache_argument(model), anchors.to(device)
+        check_positions(limit, int(ends.max()))  # the prefix: positions up to the last block token
         with logits_at(model, keep):  # the prefill stays uncompiled
             out = model(input_ids=batch["input_ids"].to(device), position_ids=positions, use_cache=True,
                         attention_mask=model_mask(prefix, model, positions, columns[:, :prefix.shape[2]]),
@@ -133,6 +134,7 @@ class RiM(Method):
             done |= token == eos_id
             if j == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: the price of stopping early
                 break
+            check_positions(limit, int(ends.max()) + j + 1)  # this step feeds positions ends + j
             seen = length + blocks * (j + 1)  # the columns written so far, this step's included
             if decoding["cache"] == "static":  # one shape for every step: later steps' columns hidden instead
                 mask, keys = sees & (torch.arange(width, device=device) < seen), columns

@@ -64,18 +64,20 @@ def add_tokens(tokenizer, model: nn.Module, tokens: tuple[str, ...]) -> list[int
 
     Starting from the mean of the real token rows (not at random, and not from whatever spare rows a padded
     vocabulary holds) keeps the new tokens in the distribution the pretrained layers expect. A tokenizer that
-    already has the tokens (one saved by ``rim train``) is left as it is, so trained rows are never reset.
+    already has the tokens (one saved by ``rim train``) is left as it is, so trained rows are never reset; a model
+    without rows for them (a base model beside such a tokenizer) gets them.
     Returns the tokens' ids.
     """
     if not tokens:
         return []
-    n_real = len(tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
     added = tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
                                          replace_extra_special_tokens=False)
     ids = token_ids(tokenizer, tokens)
-    if added == 0:
+    if added == 0 and max(ids) < rows:  # tokenizer and model both know them
         return ids
-    if max(ids) >= model.get_input_embeddings().weight.shape[0]:
+    n_real = min(len(tokenizer) - added, rows)  # the rows of real tokens (a tokenizer may know the new ones already)
+    if max(ids) >= rows:
         try:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         except (NotImplementedError, AttributeError) as err:
