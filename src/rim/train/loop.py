@@ -404,7 +404,6 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
             scheduler.step()
             step += 1
             pos.stage_step, pos.step = step, first_step + step
-            pos.train_s = clock_base + time.perf_counter() - start
             bar.update(1)
             stage_end = step == total
             signum = stop.agreed(accelerator)  # the same on every process, read once per step
@@ -427,7 +426,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                           elapsed_s=time.perf_counter() - start)
                 loss_sum.zero_()
                 n_loss = 0
-            if saves or signum:  # the window goes into the checkpoint
+            if saves or signum:  # the window and the time so far go into the checkpoint
+                pos.train_s = clock_base + time.perf_counter() - start
                 pos.log_loss = accelerator.reduce(loss_sum, "mean").item() if n_loss else 0.0
                 pos.log_batches, pos.log_tokens = n_loss, tokens
             if stage_end:  # a checkpoint here resumes at the start of the next stage
