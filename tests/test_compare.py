@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -221,3 +222,32 @@ def test_a_run_that_diverges_names_itself_and_what_to_change(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"compare run .*-s0: non-finite loss in stage .*; change the spec"):
         run_compare(write_spec(tmp_path), ["stages.0.lr=1e30"])
 
+
+
+def test_an_interrupted_compare_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A compare stopped inside a run (a crash after step 1 of nocot's 2) continues that run from its step
+    checkpoint when run again, instead of training it from the start; a changed spec starts it afresh."""
+    from rim.train.loop import Checkpointer
+
+    spec = write_spec(tmp_path)
+    original = Checkpointer.on_step
+
+    def on_step(self, model, pos, *args, **kwargs):
+        original(self, model, pos, *args, **kwargs)
+        if pos.step == 1:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "on_step", on_step)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_compare(spec, ["train.save_every=1"])
+    run = tmp_path / "cmp/nocot-s0"
+    assert (run / "checkpoints/step-1").is_dir() and not (run / "checkpoint").exists()
+    rows = run_compare(spec, ["train.save_every=1"])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [1] and rows[0]["steps"] == 2
+    shutil.rmtree(run / "checkpoint")  # unfinished again, and the spec changes: a new run, no resume
+    shutil.rmtree(tmp_path / "cmp/rim-k2-s0")  # (a finished run of another config is refused instead)
+    run_compare(spec, ["train.save_every=1", "train.max_grad_norm=0.5"])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(e["event"] == "resume" for e in events)

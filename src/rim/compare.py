@@ -135,33 +135,43 @@ def eval_name(task_name: str | None, checkpoint: str) -> str:
     return "eval" + (f"-{task_name}" if task_name else "") + ("" if checkpoint == "checkpoint" else f"-{checkpoint}")
 
 
+def config_changes(run_dir: Path, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, value there, value here) for every config key whose value differs from the run's ``config.yaml``,
+    leaving out those that do not change a run's numbers."""
+    old, new = flatten(to_dict(load_config(run_dir / "config.yaml"))), flatten(to_dict(cfg))
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k not in UNCOMPARED]
+
+
 def check_unchanged(run_dir: Path, cfg: Config) -> None:
     """A finished run is reused only if it was trained with this config; otherwise its numbers would be stale."""
-    old, new = flatten(to_dict(load_config(run_dir / "config.yaml"))), flatten(to_dict(cfg))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in UNCOMPARED)
+    changed = config_changes(run_dir, cfg)
     if changed:
-        key = changed[0]
-        raise ConfigError(f"{run_dir} holds a run with another config (config key {key!r}: {old.get(key)!r} there, "
-                          f"{new.get(key)!r} here); pass --retrain or choose another output_dir")
+        key, there, here = changed[0]
+        raise ConfigError(f"{run_dir} holds a run with another config (config key {key!r}: {there!r} there, "
+                          f"{here!r} here); pass --retrain or choose another output_dir")
 
 
 def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
     """Train the run unless it is finished (or ``retrain``), then score what is not scored yet."""
     from rim.eval.run import eval_run
     from rim.train.loop import NonFiniteLoss, TrainingStopped, train
+    from rim.train.state import latest_valid
 
     run_dir = Path(cfg.output_dir)
     if (run_dir / "checkpoint" / "rim.json").is_file() and not retrain:
         check_unchanged(run_dir, cfg)
-    else:  # no finished run there (a crashed one is replaced) or --retrain
-        print(f"== {run_dir.name}: training ==", flush=True)
+    else:  # no finished run there, or --retrain
+        # an unfinished run of this config continues from its last step checkpoint; anything else starts afresh
+        resume = ("auto" if not retrain and (run_dir / "config.yaml").is_file() and latest_valid(run_dir) is not None
+                  and not config_changes(run_dir, cfg) else None)
+        print(f"== {run_dir.name}: {'continuing' if resume else 'training'} ==", flush=True)
         try:
-            train(dataclasses.replace(cfg, overwrite=True))
+            train(dataclasses.replace(cfg, overwrite=True), resume=resume)
         except TrainingStopped as err:  # the advice is for this run inside the compare
             what = ("change the spec (e.g. a lower learning rate) and run `rim compare` again, which trains it "
-                    "again from the start" if isinstance(err, NonFiniteLoss) else "`rim compare` trains it again "
-                    f"from the start; `rim train {run_dir / 'config.yaml'} --resume auto` continues it from its "
-                    "last step checkpoint instead (train.save_every)")
+                    "again from the start" if isinstance(err, NonFiniteLoss) else "run `rim compare` again: it "
+                    "continues the run from its last step checkpoint (train.save_every), or starts it again")
             err.args = (f"compare run {run_dir}: {str(err).split('; ')[0]}; {what}",)
             raise
     checkpoint = checkpoint_of(cfg)
