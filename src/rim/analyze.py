@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rim.config import Config, ConfigError, load_config
+from rim.config import Config, ConfigError, inference_blocks, load_config
 from rim.data.tasks import Example, Task, make_task
 from rim.eval.evaluate import evaluate
 from rim.infer.generate import left_pad
@@ -276,7 +276,7 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", probe_split: str 
         raise FileNotFoundError(f"{run_dir}: no checkpoints to analyze")
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     probe, score, dropped = held_out_examples(task, probe_split, score_split, max_examples)
-    blocks = cfg.eval.blocks or cfg.method.blocks
+    blocks = inference_blocks(cfg)
     panels, rows, report = [], [], {}
     for name in names:
         model, tokenizer, method = load_checkpoint(run_dir, name, device)

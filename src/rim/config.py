@@ -386,6 +386,11 @@ def validate(cfg: Config) -> None:
         cfg.model.train_mode = "full" if cfg.model.name == "tiny" else "lora"
 
 
+def inference_blocks(cfg: Config) -> int:
+    """K at inference where a command gives none: ``eval.blocks``, else the trained ``method.blocks``."""
+    return cfg.eval.blocks or cfg.method.blocks
+
+
 def to_dict(cfg: Config) -> dict:
     """The config as plain data (for YAML)."""
     return dataclasses.asdict(cfg)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rim.config import Config, StageConfig, load_config
+from rim.config import Config, StageConfig, inference_blocks, load_config
 from rim.core.curriculum import step_weight
 from rim.data.tasks import make_task
 
@@ -136,7 +136,7 @@ def accuracy_vs_k(run_dir: str | Path, split: str | None = None, max_eval: int |
     from rim.eval.run import load_run
 
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
-    split, trained = split or cfg.data.eval_split, cfg.eval.blocks or cfg.method.blocks
+    split, trained = split or cfg.data.eval_split, inference_blocks(cfg)
     max_blocks = max(max_blocks, trained)
     examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format)
                 for ex in task.load(split)[: max_eval or cfg.data.max_eval]]

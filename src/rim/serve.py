@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rim.config import Config, ConfigError
+from rim.config import Config, ConfigError, inference_blocks
 from rim.data.tasks import Example, Task
 from rim.eval.evaluate import answer_budget, answer_times
 from rim.eval.run import load_run
@@ -75,7 +75,7 @@ def open_run(run_dir: str | Path, checkpoint: str = "checkpoint", device: str = 
     budget = max_new_tokens if max_new_tokens is not None else generation_budget(cfg, task, method, tokenizer)
     if blocks is not None and blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, not {blocks}")
-    k = blocks if blocks is not None else cfg.eval.blocks or cfg.method.blocks
+    k = blocks if blocks is not None else inference_blocks(cfg)
     return Served(cfg, model, tokenizer, method, task, k, budget)
 
 

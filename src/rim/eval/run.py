@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rim.config import Config, ConfigError, load_config
+from rim.config import Config, ConfigError, inference_blocks, load_config
 from rim.data.tasks import Task, make_task
 from rim.eval.evaluate import EvalResult, evaluate, write_predictions
 from rim.eval.protocol import split_protocol
@@ -84,13 +84,14 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
         if value is not None and value < 1:  # 0 must not read as "not given"
             raise ConfigError(f"{name} must be >= 1, not {value}")
     split = split or cfg.data.eval_split
-    examples = task.load(split)[: max_eval if max_eval is not None else cfg.data.max_eval]
+    limit = max_eval if max_eval is not None else cfg.data.max_eval
+    examples = task.load(split)[:limit]
     tokenized = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
-    k = blocks if blocks is not None else cfg.eval.blocks or cfg.method.blocks
+    k = blocks if blocks is not None else inference_blocks(cfg)
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
                       cfg.eval.latency_examples if full else 0)
     result.metrics.update(task=task.name, split=split, checkpoint=checkpoint, eval_blocks=k,
-                          max_eval=max_eval if max_eval is not None else cfg.data.max_eval,
+                          max_eval=limit,
                           device=str(next(model.parameters()).device))
     out = Path(run_dir) / out_name
     if state.is_main_process:  # every process holds all records (evaluate gathers them); one writes

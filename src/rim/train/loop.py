@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from rim.config import Config, ConfigError, StageConfig, flatten, save_config, to_dict
+from rim.config import Config, ConfigError, StageConfig, flatten, inference_blocks, save_config, to_dict
 from rim.core.batch import collate
 from rim.core.curriculum import readout_weights, token_weights, weighted_readout_loss
 from rim.core.layout import IGNORE, Layout
@@ -586,7 +586,7 @@ class Checkpointer:
     def select(self, model, step: int) -> None:
         """Score the selection split (sharded over the processes); keep the checkpoint if it is the best so far."""
         inner = self.accelerator.unwrap_model(model)
-        k = self.cfg.eval.blocks or self.cfg.method.blocks
+        k = inference_blocks(self.cfg)
         # decoding through blocks compiled into CUDA graphs would record graphs for every length it meets, and a
         # compiled decoder would be recompiled for the KV cache at every length
         train = self.cfg.train
