@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from rim.config import Config, ConfigError, flatten, load_config, to_dict
+from rim.config import Config, ConfigError, flatten, inference_blocks, load_config, to_dict
 
 SPEC_KEYS = ("base", "methods", "seeds", "ood", "output_dir")
 RESERVED = ("train.seed", "output_dir", "overwrite")  # set by the compare: its seeds, its run dirs, --retrain
@@ -188,7 +188,7 @@ def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
 def not_standard(results: dict, cfg: Config, checkpoint: str) -> str | None:
     """Why an evaluation is not the run's own (its eval split, K, problem limit and checkpoint), or None. ``rim
     eval RUN --split/--blocks/--max-eval`` writes into the same folder, so a compare checks before it uses one."""
-    want = {"split": cfg.data.eval_split, "eval_blocks": cfg.eval.blocks or cfg.method.blocks,
+    want = {"split": cfg.data.eval_split, "eval_blocks": inference_blocks(cfg),
             "max_eval": cfg.data.max_eval, "checkpoint": checkpoint}
     for key, value in want.items():
         if key not in results:
@@ -222,17 +222,17 @@ def read_results(run_dir: Path, out_name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def scored_ood(run_dir: Path, cfg: Config, checkpoint: str) -> list[str]:
-    """Tasks other than the trained one that this checkpoint of the run has been scored on with the run's own
-    settings (for ``--collect``)."""
-    tasks = []
+def scored_ood(run_dir: Path, cfg: Config, checkpoint: str) -> dict[str, dict]:
+    """The results of tasks other than the trained one that this checkpoint of the run has been scored on with the
+    run's own settings (for ``--collect``), by task."""
+    scored = {}
     for path in sorted(run_dir.glob("eval-*/results.json")):
         results = json.loads(path.read_text(encoding="utf-8"))
         task_name = results.get("task")
         if (task_name and task_name != cfg.data.task and path.parent.name == eval_name(task_name, checkpoint)
                 and not_standard(results, cfg, checkpoint) is None):  # not one with other --max-eval, --blocks..
-            tasks.append(task_name)
-    return tasks
+            scored[task_name] = results
+    return scored
 
 
 def model_label(cfg: Config) -> str:
@@ -253,17 +253,17 @@ def read_run(run_dir: str | Path, ood: list[str] | None = None) -> dict:
     checkpoint = checkpoint_of(cfg)
     results = read_results(run_dir, eval_name(None, checkpoint))
     steps, train_s = train_stats(run_dir)
-    tasks = scored_ood(run_dir, cfg, checkpoint) if ood is None else ood
-    for task_name in [None, *tasks]:
-        why = not_standard(read_results(run_dir, eval_name(task_name, checkpoint)), cfg, checkpoint)
+    others = (scored_ood(run_dir, cfg, checkpoint) if ood is None
+              else {t: read_results(run_dir, eval_name(t, checkpoint)) for t in ood})
+    for task_name, scored in [(None, results), *others.items()]:
+        why = not_standard(scored, cfg, checkpoint)
         if why:
             raise ConfigError(f"{run_dir / eval_name(task_name, checkpoint)}: {why}; `rim compare SPEC` scores it "
                               "again with the run's settings")
     return {"run_dir": str(run_dir), "seed": cfg.train.seed, "method": cfg.method.name, "model": model_label(cfg),
             "task": results["task"], "split": results["split"], "n": results["n"], "device": results["device"],
             "checkpoint": checkpoint, **{key: results[key] for key in EVAL_KEYS},
-            **{f"ood_{t}_accuracy": read_results(run_dir, eval_name(t, checkpoint))["final_block_accuracy"]
-               for t in tasks},
+            **{f"ood_{t}_accuracy": scored["final_block_accuracy"] for t, scored in others.items()},
             "train_s": train_s, "steps": steps, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum}
 
 
