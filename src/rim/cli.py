@@ -18,7 +18,6 @@ import os
 import sys
 
 
-
 def positive(text: str) -> int:
     """An argparse type: an integer >= 1 (0 would otherwise read as "not given" further down)."""
     value = int(text)
@@ -40,6 +39,7 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
     return value
+
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from rim.demo import run_demo

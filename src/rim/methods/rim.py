@@ -120,7 +120,8 @@ class RiM(Method):
             past = DynamicCache()
         step = decoding_forward(model, decoding["compile"]) if decoding["cache"] == "static" else model
         cache_arg, keep = cache_argument(model), anchors.to(device)
-        check_positions(limit, int(ends.max()))  # the prefix: positions up to the last block token
+        last = int(ends.max())  # the longest prefix: positions up to last - 1
+        check_positions(limit, last)
         with logits_at(model, keep):  # the prefill stays uncompiled
             out = model(input_ids=batch["input_ids"].to(device), position_ids=positions, use_cache=True,
                         attention_mask=model_mask(prefix, model, positions, columns[:, :prefix.shape[2]]),
@@ -134,7 +135,7 @@ class RiM(Method):
             done |= token == eos_id
             if j == max_new_tokens - 1 or bool(done.all()):  # one host sync per token: the price of stopping early
                 break
-            check_positions(limit, int(ends.max()) + j + 1)  # this step feeds positions ends + j
+            check_positions(limit, last + j + 1)  # this step feeds positions ends + j
             seen = length + blocks * (j + 1)  # the columns written so far, this step's included
             if decoding["cache"] == "static":  # one shape for every step: later steps' columns hidden instead
                 mask, keys = sees & (torch.arange(width, device=device) < seen), columns
