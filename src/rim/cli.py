@@ -391,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     from rim.train.loop import TrainingStopped
     from rim.train.state import CheckpointError
 
+    finished = False
     try:
         code = args.func(args)  # None, or a command's own exit status
+        finished = True
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"rim: error: {err}", file=sys.stderr)
         return 2
@@ -400,16 +402,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rim: {err}", file=sys.stderr)
         return err.exit_code
     finally:
-        leave_process_group()
+        leave_process_group(finished)
     return code or 0
 
 
-def leave_process_group() -> None:
+def leave_process_group(finished: bool) -> None:
     """Leave the process group a command joined under torchrun (``rim eval`` does; training's accelerator leaves by
-    itself): left to interpreter shutdown, gloo's threads can abort the process after its work is done."""
+    itself): left to interpreter shutdown, gloo's threads can abort the process after its work is done.
+
+    After a command that ``finished``, every process first waits for the others, so none tears its connections down
+    while another still works (rank 0 times latency and writes results after the last collective); a process that
+    failed leaves at once, since the others may never reach the barrier (torchrun stops them)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
