@@ -751,6 +751,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             resumed = None
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
     log.write(event="done", steps=pos.step, train_s=before + time.perf_counter() - start)
+    accelerator.wait_for_everyone()  # nobody leaves the process group while the main process still writes
     accelerator.end_training()
     return run_dir
 
