@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from rim.config import ConfigError, load_config
 from rim.train import loop
 from rim.train.loop import Checkpointer, NonFiniteLoss, train
-from rim.train.state import CheckpointError, latest_valid, verify
+from rim.train.state import CheckpointError, latest_valid, load_state, verify
 
 TINY = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "train.progress=false",
         "train.device=cpu", "train.batch_size=8", "train.log_every=1", "train.save_every=2",
@@ -106,6 +106,24 @@ def test_a_resumed_runs_training_time_counts_the_time_before_its_checkpoint(tmp_
     run = train(config(tmp_path, "cut", RIM), resume="auto")
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "done" and events[-1]["train_s"] > 100
+
+
+def test_checkpoints_training_time_includes_the_time_between_stages(tmp_path, monkeypatch):
+    """A checkpoint's train_s counts from the run's start, so the switch between stages (here 0.5 s of setting up
+    the second one) is in it, as it is in the done event's."""
+    original = loop.StageData
+
+    def slow_setup(data, method, stage, seed):
+        if stage.kind == "refinement":
+            time.sleep(0.5)
+        return original(data, method, stage, seed)
+
+    monkeypatch.setattr(loop, "StageData", slow_setup)
+    run = train(config(tmp_path, "run", RIM))
+    spent = {step: load_state(run / "checkpoints" / f"step-{step}")[0].train_s for step in (6, 8)}
+    assert spent[8] - spent[6] >= 0.5  # step 6 ends the grounding stage; step 8 is in refinement
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "done" and events[-1]["train_s"] >= spent[8]
 
 
 def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):

@@ -307,9 +307,12 @@ class StopSignals:
 
 def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
               accelerator, optimizer, log: RunLog, pos: Position, checkpointer: Checkpointer,
-              stop: StopSignals, resumed: dict | None = None) -> torch.optim.Optimizer:
+              stop: StopSignals, resumed: dict | None = None, clock: tuple[float, float] | None = None
+              ) -> torch.optim.Optimizer:
     """Train one curriculum stage from ``pos`` (updated as training goes); returns the optimizer (kept when the
-    next stage does not reset it). ``resumed``: the optimizer, scheduler and RNG states of a resumed checkpoint."""
+    next stage does not reset it). ``resumed``: the optimizer, scheduler and RNG states of a resumed checkpoint.
+    ``clock``: the run's training time before this process started it and the ``perf_counter`` then, from which
+    ``pos.train_s`` counts (by default, from this stage's start)."""
     from accelerate.utils import send_to_device
 
     first_step = pos.step - pos.stage_step
@@ -366,7 +369,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     loss_sum = torch.tensor(pos.log_loss if resumed is not None else 0.0, device=accelerator.device)
     bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # a non-finite loss since the last check
     start = window_start = time.perf_counter()
-    clock_base = pos.train_s  # the run's training time before this stage (or before the resumed checkpoint)
+    clock_base, clock_start = clock or (pos.train_s, start)  # the run's time before it, and when this process began
     window_tokens = 0  # tokens this process has processed since the last log line (or the start of this process)
     while step < total:
         sampler.epoch = pos.epoch
@@ -427,7 +430,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 loss_sum.zero_()
                 n_loss = 0
             if saves or signum:  # the window and the time so far go into the checkpoint
-                pos.train_s = clock_base + time.perf_counter() - start
+                pos.train_s = clock_base + time.perf_counter() - clock_start
                 pos.log_loss = accelerator.reduce(loss_sum, "mean").item() if n_loss else 0.0
                 pos.log_batches, pos.log_tokens = n_loss, tokens
             if stage_end:  # a checkpoint here resumes at the start of the next stage
@@ -747,7 +750,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     with StopSignals() as stop:
         while pos.stage < len(cfg.stages):
             optimizer = run_stage(cfg, cfg.stages[pos.stage], model, method, data, tokenizer, accelerator, optimizer,
-                                  log, pos, checkpointer, stop, resumed)
+                                  log, pos, checkpointer, stop, resumed, clock=(before, start))
             resumed = None
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
     log.write(event="done", steps=pos.step, train_s=before + time.perf_counter() - start)
