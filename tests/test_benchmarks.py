@@ -85,11 +85,21 @@ def test_logic_train_split_is_generated_without_shipped_questions(name):
 
 
 @pytest.mark.parametrize("method", ["rim", "cot"])
-def test_a_benchmark_task_trains_and_evaluates(tmp_path, method):
-    """Multiplication 4x4 (generated train, shipped valid) end to end with a tiny model: task-agnostic harness."""
+def test_a_benchmark_task_trains_and_evaluates(tmp_path, method, monkeypatch):
+    """Multiplication 4x4 (generated train, shipped valid) end to end with a tiny model: task-agnostic harness.
+    The generation budget is the scored task's answer budget plus, for CoT, the longest chain of thought the run
+    trained on, also out of distribution (MultiArith's problems carry no steps to size it from)."""
+    from transformers import AutoTokenizer
+
     from rim.config import load_config
+    from rim.eval import evaluate
     from rim.eval.run import eval_run
+    from rim.methods.base import text_ids
     from rim.train.loop import train
+
+    budgets = []
+    original = evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda *a: budgets.append(a[6]) or original(*a))
 
     stages = (["stages.0.steps=2", "stages.1.steps=2"] if method == "rim"
               else ["stages=[{name: sft, kind: sft, steps: 2}]"])
@@ -107,3 +117,8 @@ def test_a_benchmark_task_trains_and_evaluates(tmp_path, method):
     ood = eval_run(tmp_path / "run", split="test", max_eval=3, task_name="multiarith").metrics  # out of distribution
     assert ood["task"] == "multiarith" and ood["n"] == 3
     assert (tmp_path / "run/eval-multiarith/results.json").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run/checkpoint")
+    task = make_task("multiplication", {"digits": 4, "n_train": 32, "data_dir": DATA})
+    longest = max(len(text_ids(tok, task.cot_text(ex))) for ex in task.load("train"))
+    room = longest if method == "cot" else 0
+    assert longest > 20 and budgets == [task.max_new_tokens + room, make_task("multiarith", {}).max_new_tokens + room]

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoint", help="checkpoint (default), best or checkpoints/step-N")
     p.add_argument("--max-new-tokens", type=positive, default=None,
                    help="generation budget (default: the task's answer budget; CoT-style: plus the longest "
-                        "reasoning of the evaluation split)")
+                        "reasoning the run trained on)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_decoding_flags(p)
     p.set_defaults(func=cmd_answer)

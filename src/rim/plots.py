@@ -132,7 +132,7 @@ def accuracy_vs_k(run_dir: str | Path, split: str | None = None, max_eval: int |
     Final-block accuracy at K = k is the accuracy of the readout after block k; any-block accuracy at K = k is the
     share of problems with a right readout among blocks 1..k (at K = 0 the bare question's answer, the only one).
     """
-    from rim.eval.evaluate import evaluate
+    from rim.eval.evaluate import evaluate, training_reasoning
     from rim.eval.run import load_run
 
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint)
@@ -140,8 +140,9 @@ def accuracy_vs_k(run_dir: str | Path, split: str | None = None, max_eval: int |
     max_blocks = max(max_blocks, trained)
     examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format)
                 for ex in task.load(split)[: max_eval or cfg.data.max_eval]]
-    bare = evaluate(model, tokenizer, task, method, examples, 0, cfg.eval.batch_size, False, 0)
-    blocks = evaluate(model, tokenizer, task, method, examples, max_blocks, cfg.eval.batch_size, True, 0)
+    reasoning = training_reasoning(cfg, task, method, tokenizer)
+    bare = evaluate(model, tokenizer, task, method, examples, 0, cfg.eval.batch_size, False, 0, reasoning)
+    blocks = evaluate(model, tokenizer, task, method, examples, max_blocks, cfg.eval.batch_size, True, 0, reasoning)
     n = len(examples)
     correct = [[b["correct"], *r["block_correct"]] for b, r in zip(bare.records, blocks.records)]
     final = [sum(c[k] for c in correct) / n for k in range(max_blocks + 1)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rim.config import Config, ConfigError, inference_blocks
 from rim.data.tasks import Example, Task
-from rim.eval.evaluate import answer_budget, answer_times
+from rim.eval.evaluate import answer_budget, answer_times, training_reasoning
 from rim.eval.run import load_run
 from rim.methods.base import Method, TokenizedExample
 
@@ -56,11 +56,8 @@ def question_example(served: Served, question: str) -> TokenizedExample:
 
 def generation_budget(cfg: Config, task: Task, method: Method, tokenizer) -> int:
     """Tokens to generate: the task's answer budget, plus for methods that reason in text room for the longest
-    reasoning of the run's evaluation split (what ``rim eval`` allows; a raw question has no steps to measure)."""
-    if not method.cot:
-        return task.max_new_tokens
-    examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in task.load(cfg.data.eval_split)]
-    return answer_budget(task, method, examples)
+    reasoning the run trained on (what ``rim eval`` allows; a raw question has no steps to measure)."""
+    return answer_budget(task, method, training_reasoning(cfg, task, method, tokenizer))
 
 
 def open_run(run_dir: str | Path, checkpoint: str = "checkpoint", device: str = "auto", blocks: int | None = None,

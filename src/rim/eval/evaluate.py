@@ -16,9 +16,10 @@ from pathlib import Path
 
 from torch import nn
 
+from rim.config import Config
 from rim.data.tasks import COT_SEPARATOR, Task
 from rim.infer.generate import Generation
-from rim.methods.base import Method, TokenizedExample
+from rim.methods.base import Method, TokenizedExample, text_ids
 
 
 @dataclass
@@ -29,11 +30,22 @@ class EvalResult:
     records: list[dict] = field(default_factory=list)
 
 
-def answer_budget(task: Task, method: Method, examples: list[TokenizedExample]) -> int:
-    """Tokens to generate: the task's answer budget, plus room for the longest reasoning for CoT."""
+def answer_budget(task: Task, method: Method, reasoning: int) -> int:
+    """Tokens to generate: the scored task's answer budget, plus ``reasoning`` for methods that reason in text."""
+    return task.max_new_tokens + (reasoning if method.cot else 0)
+
+
+def training_reasoning(cfg: Config, task: Task, method: Method, tokenizer) -> int:
+    """Room for text reasoning: the tokens of the longest chain of thought among the run's training examples
+    (``data.train_split``, its first ``data.max_train``); 0 for methods that answer directly.
+
+    The budget never comes from the scored split: that would size it from the gold reasoning being scored, and
+    out-of-distribution problems (GSM-Hard, SVAMP) carry no steps at all, which left a CoT model no room to reason.
+    """
     if not method.cot:
-        return task.max_new_tokens
-    return max(len(ex.cot) for ex in examples) + task.max_new_tokens
+        return 0
+    examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
+    return max((len(text_ids(tokenizer, task.cot_text(ex))) for ex in examples), default=0)
 
 
 def answer_start(tokenizer, tokens: list[int], cot: bool) -> int:
@@ -74,14 +86,19 @@ def shard() -> tuple[int, int]:
 
 
 def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: list[TokenizedExample],
-             blocks: int, batch_size: int = 64, any_block: bool = True, latency_examples: int = 20) -> EvalResult:
+             blocks: int, batch_size: int = 64, any_block: bool = True, latency_examples: int = 20,
+             reasoning: int | None = None) -> EvalResult:
     """Score ``examples``; decode after every block too when the method has blocks and ``any_block`` is set.
 
+    ``reasoning``: room for text reasoning in the budget (``training_reasoning``); None sizes it from the longest
+    reasoning among ``examples`` themselves (a quick look; rim's commands pass the run's).
     Under torch.distributed every process decodes every world-th example and the records are gathered, so all
     processes return the same records and accuracies; latency is timed on rank 0 only (None elsewhere).
     """
     model.eval()
-    budget = answer_budget(task, method, examples)  # from all examples: the same on every process
+    if reasoning is None:  # from all examples: the same on every process
+        reasoning = max((len(ex.cot) for ex in examples), default=0)
+    budget = answer_budget(task, method, reasoning)
     rank, world = shard()
     mine = list(range(rank, len(examples), world))
     per_block = method.any_block and any_block

@@ -11,7 +11,7 @@ import torch
 
 from rim.config import Config, ConfigError, inference_blocks, load_config
 from rim.data.tasks import Task, make_task
-from rim.eval.evaluate import EvalResult, evaluate, write_predictions
+from rim.eval.evaluate import EvalResult, evaluate, training_reasoning, write_predictions
 from rim.eval.protocol import split_protocol
 from rim.methods.base import Method, make_method, method_class
 from rim.models.adapter import add_tokens, ensure_pad_token
@@ -75,6 +75,7 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
     cfg, model, tokenizer, method, task = load_run(run_dir, device, checkpoint, overrides)
+    reasoning = training_reasoning(cfg, task, method, tokenizer)  # from the trained task, whatever is scored
     if task_name is not None:
         task = make_task(task_name, {k: v for k, v in cfg.data.options.items() if k == "data_dir"})
     if out_name is None:
@@ -89,7 +90,7 @@ def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None =
     tokenized = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in examples]
     k = blocks if blocks is not None else inference_blocks(cfg)
     result = evaluate(model, tokenizer, task, method, tokenized, k, cfg.eval.batch_size, cfg.eval.any_block and full,
-                      cfg.eval.latency_examples if full else 0)
+                      cfg.eval.latency_examples if full else 0, reasoning)
     result.metrics.update(task=task.name, split=split, checkpoint=checkpoint, eval_blocks=k,
                           max_eval=limit,
                           device=str(next(model.parameters()).device))

@@ -545,9 +545,11 @@ class Checkpointer:
     ``eval.select_split``, an evaluation every ``eval.every`` steps (and at each stage end) that keeps the best
     final-block accuracy in ``best/``. The scored split is never the selection split (the config checks it)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, task: Task, tokenizer, method: Method, accelerator, log: RunLog):
+    def __init__(self, cfg: Config, run_dir: Path, task: Task, tokenizer, method: Method, accelerator, log: RunLog,
+                 reasoning: int = 0):
         self.cfg, self.run_dir, self.task, self.tokenizer, self.method = cfg, run_dir, task, tokenizer, method
         self.accelerator, self.log, self.best = accelerator, log, -1.0
+        self.reasoning = reasoning  # room for text reasoning when selecting: the longest trained chain of thought
         self.examples = []
         if cfg.eval.select_split:
             exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
@@ -596,7 +598,7 @@ class Checkpointer:
         eager = train.compile in CUDA_GRAPH_MODES or (bool(train.compile) and train.compile_scope == "decoder")
         with gathered(inner), torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             result = evaluate(inner, self.tokenizer, self.task, self.method, self.examples, k,
-                              self.cfg.eval.batch_size, any_block=False, latency_examples=0)
+                              self.cfg.eval.batch_size, any_block=False, latency_examples=0, reasoning=self.reasoning)
         accuracy = result.metrics["final_block_accuracy"]  # the same on every process (records are gathered)
         improved = accuracy > self.best
         self.log.write(event="select", step=step, split=self.cfg.eval.select_split, accuracy=accuracy, best=improved)
@@ -739,7 +741,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision,
               processes=accelerator.num_processes, sharded=is_sharded(model))
-    checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log)
+    checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log,
+                                max((len(ex.cot) for ex in data), default=0))
     checkpointer.best = best
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
              + describe_layout(method.train_layout(data[0], stage), tokenizer, stage, cfg.method.readout_sees_question)
