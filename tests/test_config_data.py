@@ -68,6 +68,11 @@ def test_types_and_ranges_are_checked(tmp_path):
         load_config(None, ["method.name=nocot"])  # the default stages are RiM's
     with pytest.raises(ConfigError, match="'full' for model.name=tiny"):
         load_config(None, ["model.train_mode=lora"])
+    # hiding the question from the answer is RiM's option: the others decode under a causal mask
+    assert not load_config(None, ["method.readout_sees_question=false"]).method.readout_sees_question
+    with pytest.raises(ConfigError, match="'method.readout_sees_question' must be true for methods without memory"):
+        load_config(None, ["method.name=cot", "method.readout_sees_question=false",
+                           "stages=[{name: sft, kind: sft, steps: 2}]"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(None, ["method.blocks"])
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -69,7 +69,7 @@ class MethodConfig:
     name: str = "rim"
     memory_tokens: int = 2  # M, memory tokens per block
     blocks: int = 8  # K, blocks at inference (and in refinement unless a stage sets its own)
-    readout_sees_question: bool = True
+    readout_sees_question: bool = True  # rim: false hides the question from every readout (training and decoding)
     pause_tokens: int | None = None  # pause: N <pause> tokens; None: K (M + 2), the tokens of RiM's K blocks
     thoughts_per_step: int = 2  # coconut: c, continuous thoughts per replaced step
     max_latent_steps: int = 3  # coconut: steps replaced at most; stages from here on drop all language steps
@@ -316,6 +316,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "auto, no, bf16 or fp16"),
         (not (cfg.train.fsdp and cfg.train.precision == "fp16"), "train.precision",
          "auto, no or bf16 with train.fsdp (fp16 would need a sharded gradient scaler)"),
+        (cfg.method.readout_sees_question or (cfg.method.name in METHODS and METHODS[cfg.method.name].any_block),
+         "method.readout_sees_question", "true for methods without memory blocks (their answers are decoded under "
+         "a causal mask, which shows the question; hiding it in training only would train another model)"),
         (not (cfg.train.fsdp and cfg.method.name == "coconut"), "train.fsdp",
          "false for coconut (its latent passes embed outside the model's forward, where FSDP holds only shards)"),
         (not (cfg.model.name == "tiny" and cfg.model.train_mode == "lora"), "model.train_mode",
