@@ -47,6 +47,41 @@ def test_test_split_is_never_used_for_selection():
         load_config(None, ["eval.every=10"])
 
 
+def test_selection_on_training_problems_is_refused_or_reported(tmp_path):
+    """Selecting on the training split is refused by the config; a selection split made only of training problems
+    (GSM8K's valid is drawn from its train) is refused before training, and a partial overlap is warned about and
+    logged."""
+    from rim.train.loop import train
+
+    with pytest.raises(ConfigError, match="other than data.train_split"):
+        load_config(None, ["eval.select_split=train"])
+
+    def line(q: int) -> str:
+        return json.dumps({"question": f"{q} + 1", "steps": [f"{q} + 1 = {q + 1}"], "answer": str(q + 1)}) + "\n"
+
+    (tmp_path / "train.jsonl").write_text("".join(line(q) for q in range(8)))
+    (tmp_path / "all.jsonl").write_text("".join(line(q) for q in range(3)))
+    (tmp_path / "some.jsonl").write_text("".join(line(q) for q in (1, 20, 21)))
+
+    def config(valid: str, out: str):
+        files = f"{{train: {tmp_path / 'train.jsonl'}, valid: {tmp_path / valid}, test: {tmp_path / valid}}}"
+        return load_config(None, [f"data.options={{files: {files}}}", "data.task=jsonl", "model.tiny_layers=1",
+                                  "model.tiny_hidden=16", "model.tiny_heads=2", "train.progress=false",
+                                  "train.batch_size=4", "eval.select_split=valid", "eval.every=1",
+                                  "stages=[{name: g, kind: grounding, steps: 1},"
+                                  " {name: r, kind: refinement, steps: 1}]",
+                                  f"output_dir={tmp_path / out}"])
+
+    with pytest.raises(ConfigError, match="3 of the 3 problems of the selection split 'valid' are training problems"):
+        train(config("all.jsonl", "all"))
+    assert not (tmp_path / "all" / "checkpoint").exists()
+    with pytest.warns(UserWarning, match="1 of the 3 problems"):
+        run = train(config("some.jsonl", "some"))
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "select_overlap"] == [
+        {"event": "select_overlap", "split": "valid", "shared": 1, "n": 3}]
+
+
 def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     cfg = write_config(tmp_path)
     done = rim("train", str(cfg), "train.save_every=2", "eval.select_split=valid", "eval.every=2",

@@ -346,6 +346,8 @@ def validate(cfg: Config) -> None:
     checks += [
         (cfg.eval.select_split not in ("test", cfg.data.eval_split), "eval.select_split",
          "a split other than the scored one (the test split is never used for selection)"),
+        (cfg.eval.select_split is None or cfg.eval.select_split != cfg.data.train_split, "eval.select_split",
+         "a split other than data.train_split (selecting on training problems measures memory)"),
         (cfg.eval.every is None or cfg.eval.every >= 1, "eval.every", ">= 1"),
         (cfg.eval.every is None or cfg.eval.select_split is not None, "eval.select_split",
          "set when eval.every is set"),

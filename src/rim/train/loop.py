@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -609,6 +610,22 @@ class Checkpointer:
         model.train()
 
 
+def check_selection(cfg: Config, data: list[TokenizedExample], selection: list[TokenizedExample], log: RunLog) -> None:
+    """Refuse a selection split made only of training problems, and warn (and log a ``select_overlap`` event) when
+    some of its problems are training problems: GSM8K's ``valid`` is drawn from its ``train``, for example."""
+    trained = {ex.example.question for ex in data}
+    shared = sum(ex.example.question in trained for ex in selection)
+    if not shared:
+        return
+    where = (f"{shared} of the {len(selection)} problems of the selection split {cfg.eval.select_split!r} are "
+             f"training problems of data.train_split {cfg.data.train_split!r}")
+    if shared == len(selection):
+        raise ConfigError(f"eval.select_split: {where}; select on held-out problems (for gsm8k: "
+                          "data.train_split=train_no_valid with eval.select_split=valid)")
+    warnings.warn(f"{where}: selection partly measures memory", stacklevel=2)
+    log.write(event="select_overlap", split=cfg.eval.select_split, shared=shared, n=len(selection))
+
+
 def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from: ``auto`` (the newest intact one in the run, None if there is none) or a
     path; a broken explicit path is an error, a broken newest one falls back to the one before."""
@@ -743,6 +760,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
               processes=accelerator.num_processes, sharded=is_sharded(model))
     checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log,
                                 max((len(ex.cot) for ex in data), default=0))
+    check_selection(cfg, data, checkpointer.examples, log)
     checkpointer.best = best
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
              + describe_layout(method.train_layout(data[0], stage), tokenizer, stage, cfg.method.readout_sees_question)
