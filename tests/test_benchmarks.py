@@ -51,6 +51,16 @@ def test_numbers_compare_as_numbers():
     assert not task.is_correct("1000001", "1000000") and not task.is_correct("108224700", "108224794.2")
     assert task.is_correct("108224794.2", "108224794.2") and task.is_correct("0.33333", "0.33333")
     assert parse_number("x 2.5e3 y") == 2500.0
+    # a fraction is its value, not the number in front of its bar; the Unicode minus sign is a minus
+    assert not task.is_correct("3/4", "3") and task.is_correct("1/2", "0.5") and task.is_correct("6 / 4", "1.5")
+    assert not task.is_correct("\u22125", "5") and task.is_correct("\u22125", "-5")
+    assert parse_number("1/0") is None
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "gsm-hard", "svamp", "multiarith"])
+def test_the_answer_budget_holds_every_gold_answer_a_digit_a_token(name):
+    task = make_task(name, {"data_dir": str(DATA)})
+    assert max(len(ex.answer) for ex in task.load("test")) + 2 <= task.max_new_tokens  # + a leading space, EOS
     assert task.extract_answer(" <<2*3=6>> #### 6", cot=True) == "6"
 
 

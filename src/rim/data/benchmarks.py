@@ -24,7 +24,8 @@ from rim.data.records import DataError, field, parse_json, read_json_file, strin
 from rim.data.tasks import COT_SEPARATOR, Example, Task, unknown_split
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+# a number, perhaps with a fraction bar: "3/4" is 0.75, never the 3 in front of it
+_NUMBER = re.compile(r"(-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?))?")
 # a whole answer must be one plain number once commas are dropped: "18", "-3", "2.5", ".5"
 _ANSWER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
@@ -42,17 +43,19 @@ def data_file(data_dir: str | None, relative: str) -> Path:
 
 
 def parse_number(text: str) -> float | None:
-    """The first number in ``text`` (commas and ``$`` ignored), or None.
+    """The first number in ``text`` (commas and ``$`` ignored, the Unicode minus sign read as ``-``, a fraction
+    ``a/b`` as its value), or None.
 
-    >>> parse_number(" $1,234.5 dollars"), parse_number("none")
-    (1234.5, None)
+    >>> parse_number(" $1,234.5 dollars"), parse_number("3/4 of it"), parse_number("\u22125"), parse_number("none")
+    (1234.5, 0.75, -5.0, None)
     """
-    match = _NUMBER.search(text.replace("$", ""))
+    match = _NUMBER.search(text.replace("$", "").replace("\u2212", "-"))
     if match is None:
         return None
     try:
-        return float(match.group().replace(",", ""))
-    except ValueError:
+        value = float(match.group(1).replace(",", ""))
+        return value if match.group(2) is None else value / float(match.group(2))
+    except (ValueError, ZeroDivisionError):
         return None
 
 
@@ -163,6 +166,7 @@ class GSMHard(NumericTask):
 
     name = "gsm-hard"
     test_file = "gsm_hard/gsmhardv2.jsonl"  # PAL's {"input", "target"} records
+    max_new_tokens = 24  # answers of up to 19 characters (-1895420.4999999998): a digit a token, a space, EOS
 
     def load(self, split: str) -> list[Example]:
         if split != "test":
