@@ -3,6 +3,7 @@ batch against single examples, and one short training run of every method."""
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 
@@ -96,8 +97,9 @@ def test_coconut_layouts_replace_steps_with_thoughts_stage_by_stage():
 
     assert parts(0) == ([BOT, EOT], ["3", "0", "2", "1", "####", "1"])  # stage 0: CoT in Coconut's format
     assert parts(1) == ([BOT, THOUGHT, THOUGHT, EOT], ["0", "2", "1", "####", "1"])
-    assert parts(2) == ([BOT] + [THOUGHT] * 4 + [EOT], ["####", "1"])  # the last stage drops all language steps
-    assert parts(5) == parts(2)
+    assert parts(2) == ([BOT] + [THOUGHT] * 4 + [EOT], ["2", "1", "####", "1"])  # the maximum: 2 steps replaced
+    assert parts(3) == ([BOT] + [THOUGHT] * 4 + [EOT], ["####", "1"])  # beyond it: every language step dropped
+    assert parts(5) == parts(3)
     assert words(tok, method.prompt(ex, 8)) == words(tok, ex.question) + [BOT]
 
 
@@ -221,6 +223,28 @@ def test_coconut_starts_from_a_trained_cot_run(tmp_path):
     before, after = dict(cot_model.named_parameters())[name], dict(coconut_model.named_parameters())[name]
     assert torch.allclose(before, after, atol=1e-5)  # started from the CoT weights (lr ~ 0)
     assert tok.convert_tokens_to_ids([BOT, THOUGHT, EOT]) == [len(tok) - 3, len(tok) - 2, len(tok) - 1]
+
+
+def test_coconut_decodes_with_the_thoughts_of_the_stage_its_weights_come_from(tmp_path, monkeypatch):
+    """Selection during stage k decodes with stage k's thoughts (stage 0: none), as the original validates; every
+    checkpoint's rim.json names its stage and loads decoding with that stage's thoughts (what the split protocol
+    scores); method.inference_latent_steps overrides it."""
+    from rim.eval.run import load_run
+    from rim.methods.coconut import Coconut
+    from rim.train.loop import train
+
+    seen = []
+    original = Coconut.generate
+    monkeypatch.setattr(Coconut, "generate", lambda self, *a, **k: seen.append(self.inference_thoughts())
+                        or original(self, *a, **k))
+    stages = [f"{{name: s{k}, kind: latent, steps: 2, latent_steps: {k}}}" for k in range(3)]
+    run = train(tiny_config("coconut", stages, tmp_path, ["method.max_latent_steps=1", "eval.select_split=valid",
+                                                           "eval.every=2", "train.save_every=2"]))
+    assert seen == [0, 2, 2]  # c = 2 thoughts a step; stage 2 is past the maximum of 1 step
+    for name, stage, thoughts in [("checkpoints/step-2", 0, 0), ("checkpoints/step-4", 1, 2), ("checkpoint", 2, 2)]:
+        assert json.loads((run / name / "rim.json").read_text())["stage"] == stage
+        assert load_run(run, "cpu", name)[3].inference_thoughts() == thoughts
+    assert load_run(run, "cpu", "checkpoints/step-2", ["method.inference_latent_steps=1"])[3].inference_thoughts() == 2
 
 
 def test_stage_kinds_are_checked_per_method():

@@ -195,3 +195,24 @@ def test_special_token_strings_in_a_question_are_text(model_dir: Path) -> None:
         assert ids.count(end) == question_ids(tok, "Is this bold? Say yes or no.", fmt).count(end)
         assert question in tok.decode(ids)
     assert tok.decode(text_ids(tok, question)) == question
+
+
+def test_coconut_answers_after_the_same_tail_at_every_stage(model_dir: Path) -> None:
+    """With a BPE tokenizer that keeps spaces: when a stage leaves no language step, the target starts with the
+    ``#### answer`` tail every other stage trains, not with an extra space token (a task that joins its steps with
+    spaces writes two in front of ``####`` when there are none)."""
+    from rim.config import MethodConfig
+    from rim.data.tasks import Example, make_task
+    from rim.methods.base import make_method
+
+    from rim.methods.coconut import Coconut
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": list(Coconut.special_tokens)},
+                           replace_extra_special_tokens=False)
+    method = make_method(MethodConfig(name="coconut", max_latent_steps=2), tok)
+    task = make_task("multiplication", {"digits": 4})
+    ex = method.tokenize(task, tok, Example("1 2 3 4 * 5 6 7 8", ("5 0 7 6", "6 2 1 3 1", "7 2 4 5 1"), "8 5 9 3 6"))
+    tail = tok(" #### 8 5 9 3 6", add_special_tokens=False).input_ids
+    assert all(ex.extra[f"rest{k}"][-len(tail):] == tail for k in range(4))
+    assert ex.extra["rest3"] == tail and tok.decode(ex.extra["rest2"]).startswith(" 7 2 4 5 1 ####")

@@ -15,6 +15,7 @@ from rim.eval.evaluate import EvalResult, evaluate, training_reasoning, write_pr
 from rim.eval.protocol import split_protocol
 from rim.methods.base import Method, make_method, method_class
 from rim.models.adapter import add_tokens, ensure_pad_token
+from rim.train.state import CheckpointError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -56,6 +57,12 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
         model = PeftModel.from_pretrained(base, ckpt)
     method = make_method(cfg.method, tokenizer)
     method.cache, method.compile = cfg.eval.cache, cfg.eval.compile
+    try:
+        stage = json.loads((ckpt / "rim.json").read_text(encoding="utf-8")).get("stage")  # older rim: absent
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{ckpt / 'rim.json'}: unreadable ({err})") from err
+    if isinstance(stage, int) and 0 <= stage < len(cfg.stages):
+        method.at_stage(cfg.stages[stage])  # decode as the checkpoint's stage trained (Coconut: its thoughts)
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
 
 

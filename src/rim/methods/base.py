@@ -93,11 +93,19 @@ def tokenize_example(task: Task, tokenizer, ex: Example, prompt_format: str = "p
 
 
 def split_cot(task: Task, tokenizer, ex: Example, steps: tuple[str, ...] | None = None) -> tuple[list[int], list[int]]:
-    """The task's CoT text (of ``steps``, default all) as token ids of the reasoning and of the tail (``#### a``)."""
-    text = task.cot_text(Example(ex.question, ex.steps if steps is None else steps, ex.answer))
-    cut = text.rfind(COT_SEPARATOR)
-    cut = len(text[:cut].rstrip()) if cut >= 0 else len(text)
-    return text_ids(tokenizer, text[:cut]) if text[:cut].strip() else [], text_ids(tokenizer, text[cut:])
+    """The task's CoT text (of ``steps``, default all) as token ids of the reasoning and of the tail (``#### a``).
+
+    The tail is always the full CoT's, whatever ``steps`` leaves: a task that joins steps with spaces would otherwise
+    put a second space in front of ``####`` when no step is left, a token no other stage trains."""
+
+    def parts(text: str) -> tuple[str, str]:
+        cut = text.rfind(COT_SEPARATOR)
+        cut = len(text[:cut].rstrip()) if cut >= 0 else len(text)
+        return text[:cut], text[cut:]
+
+    reasoning = parts(task.cot_text(Example(ex.question, ex.steps if steps is None else steps, ex.answer)))[0]
+    tail = parts(task.cot_text(ex))[1]
+    return text_ids(tokenizer, reasoning) if reasoning.strip() else [], text_ids(tokenizer, tail)
 
 
 class Method:
@@ -108,7 +116,8 @@ class Method:
     (rows trained with the LoRA); ``stage_kinds``: the curriculum stage kinds it trains with; ``dynamic``: the
     layout changes during a stage (it is rebuilt for every batch from the stage position). ``cache`` and
     ``compile``: how ``generate`` decodes unless told otherwise (``greedy_generate``; set from ``eval.cache`` and
-    ``eval.compile`` when a run is loaded).
+    ``eval.compile`` when a run is loaded). ``stage``: the curriculum stage whose training the weights come from
+    (``at_stage``; None when unknown), for methods whose decoding follows it.
     """
 
     name = "method"
@@ -119,10 +128,15 @@ class Method:
     stage_kinds: tuple[str, ...] = ("sft",)
     cache = "dynamic"
     compile: bool | str = False
+    stage: StageConfig | None = None
 
     def __init__(self, cfg: MethodConfig, tokenizer):
         self.cfg, self.eos_id = cfg, tokenizer.eos_token_id
         self.token = dict(zip(self.special_tokens, token_ids(tokenizer, self.special_tokens)))
+
+    def at_stage(self, stage: StageConfig | None) -> None:
+        """Decode as a model trained in ``stage`` (set when training enters a stage and when a checkpoint loads)."""
+        self.stage = stage
 
     def tokenize(self, task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:
         return tokenize_example(task, tokenizer, ex, prompt_format)

@@ -2,12 +2,14 @@
 embedding, c "thoughts" per reasoning step, one sequential forward pass per thought.
 
 Curriculum (stages of kind ``latent``): stage k replaces the first k language steps with k x c thoughts between
-``<bot>`` and ``<eot>``; from k = ``method.max_latent_steps`` on, every remaining language step is dropped and the
-model answers right after the thoughts. Stage ``latent_steps: 0`` is plain CoT in the same format ("stage 0");
+``<bot>`` and ``<eot>``, up to k = ``method.max_latent_steps`` (the rest of the steps stay text); a stage beyond it
+drops every remaining language step, and the model answers right after max x c thoughts (as the original's stages
+past ``max_latent_stage``). Stage ``latent_steps: 0`` is plain CoT in the same format ("stage 0");
 ``model.init_from`` starts from a trained CoT run instead. Every stage resets the optimizer by default.
 
-Differences from the original code: each stage uses min(k, max) x c thoughts for every example (the original pads
-to the maximum only in the last stages), and generation is batched and KV-cached.
+Differences from the original code: each stage uses min(k, max) x c thoughts for every example (the original gives
+each example of the stages past the maximum only as many thoughts as it has steps), and generation is batched and
+KV-cached. A checkpoint decodes with the thoughts of the stage it was trained in (``inference_thoughts``).
 
 Training aligns every question end in one column (left padding), so thought j sits in the same column for the
 whole batch and the passes run through one KV cache: a prefill to ``<bot>``, one single-column pass per thought,
@@ -91,8 +93,8 @@ class Coconut(Method):
 
     def tokenize(self, task, tokenizer, ex, prompt_format="plain"):
         out = tokenize_example(task, tokenizer, ex, prompt_format)
-        for k in range(self.cfg.max_latent_steps + 1):  # the language part left at each curriculum stage
-            reasoning, tail = split_cot(task, tokenizer, ex, ex.steps[k:] if k < self.cfg.max_latent_steps else ())
+        for k in range(self.cfg.max_latent_steps + 2):  # the language part left at each curriculum stage
+            reasoning, tail = split_cot(task, tokenizer, ex, ex.steps[k:] if k <= self.cfg.max_latent_steps else ())
             out.extra[f"rest{k}"] = reasoning + tail
         return out
 
@@ -101,7 +103,7 @@ class Coconut(Method):
         return min(latent_steps, self.cfg.max_latent_steps) * self.cfg.thoughts_per_step
 
     def train_layout(self, ex, stage, epoch=0.0, rng=None):
-        k = min(stage.latent_steps or 0, self.cfg.max_latent_steps)
+        k = min(stage.latent_steps or 0, self.cfg.max_latent_steps + 1)  # every stage past the maximum is alike
         block = [self.token[BOT]] + [self.token[THOUGHT]] * self.n_latent(k) + [self.token[EOT]]
         return build_layout(ex.question, [block], [Readout(ex.extra[f"rest{k}"])], self.eos_id)
 
@@ -128,8 +130,16 @@ class Coconut(Method):
     def forward(self, model, batch, keep=None):
         return latent_forward(model, batch, keep=keep)
 
-    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True, cache=None, compile=None):
+    def inference_thoughts(self) -> int:
+        """Thoughts fed at inference: ``method.inference_latent_steps``' worth if set, else those of the stage the
+        weights were trained in (selection during stage k decodes with stage k's thoughts, as the original
+        validates), else the maximum."""
         steps = self.cfg.inference_latent_steps
-        n = self.n_latent(self.cfg.max_latent_steps if steps is None else steps)
+        if steps is None:
+            steps = self.cfg.max_latent_steps if self.stage is None else self.stage.latent_steps or 0
+        return self.n_latent(steps)
+
+    def generate(self, model, prompts, pad_id, eos_id, max_new_tokens, use_cache=True, cache=None, compile=None):
+        n = self.inference_thoughts()
         return greedy_generate(model, prompts, pad_id, eos_id, max_new_tokens, use_cache, latents=n,
                                after_latents=[self.token[EOT]], **self.decoding(cache, compile))

@@ -318,6 +318,8 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
 
     first_step = pos.step - pos.stage_step
     seed = cfg.train.seed + first_step
+    method.at_stage(stage)  # selection decodes as this stage trains (Coconut: its thoughts)
+    checkpointer.stage = pos.stage
     layouts = StageData(data, method, stage, seed)
     if cfg.train.bucket_by_length:
         sampler = LengthBuckets(layouts.lengths(), cfg.train.batch_size, seed)
@@ -551,6 +553,7 @@ class Checkpointer:
         self.cfg, self.run_dir, self.task, self.tokenizer, self.method = cfg, run_dir, task, tokenizer, method
         self.accelerator, self.log, self.best = accelerator, log, -1.0
         self.reasoning = reasoning  # room for text reasoning when selecting: the longest trained chain of thought
+        self.stage = 0  # index of the stage being trained (run_stage sets it)
         self.examples = []
         if cfg.eval.select_split:
             exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
@@ -573,6 +576,11 @@ class Checkpointer:
         if self.saves_at(pos.step, stage_end):
             self.save(model, pos, optimizer, scheduler)
 
+    def trained_in(self) -> dict:
+        """What a checkpoint's ``rim.json`` says of the stage its weights were trained in (``stage``: index)."""
+        index = self.stage
+        return {"stage": index, "stage_name": self.cfg.stages[index].name}
+
     def save(self, model, pos: Position, optimizer, scheduler) -> None:
         """A resumable checkpoint ``checkpoints/step-N``; then only the newest ``train.keep_last`` are kept."""
         config = to_dict(self.cfg)
@@ -583,7 +591,7 @@ class Checkpointer:
             save_state(folder, pos, moments, scheduler, self.best, config, self.accelerator.num_processes)
 
         save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "checkpoints" / f"step-{pos.step}",
-                        self.accelerator, {"step": pos.step}, state)
+                        self.accelerator, {"step": pos.step, **self.trained_in()}, state)
         keep = self.cfg.train.keep_last
         if keep and self.accelerator.is_main_process:
             for old in resumable(self.run_dir)[keep:]:
@@ -606,7 +614,8 @@ class Checkpointer:
         if improved:  # the same decision on every process, which all join in saving
             self.best = accuracy
             save_checkpoint(model, self.tokenizer, self.cfg, self.run_dir / "best", self.accelerator,
-                            {"step": step, "select_split": self.cfg.eval.select_split, "select_accuracy": accuracy})
+                            {"step": step, "select_split": self.cfg.eval.select_split, "select_accuracy": accuracy,
+                             **self.trained_in()})
         model.train()
 
 
@@ -773,7 +782,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             optimizer = run_stage(cfg, cfg.stages[pos.stage], model, method, data, tokenizer, accelerator, optimizer,
                                   log, pos, checkpointer, stop, resumed, clock=(before, start))
             resumed = None
-    save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator)
+    checkpointer.stage = len(cfg.stages) - 1
+    save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator, checkpointer.trained_in())
     log.write(event="done", steps=pos.step, train_s=before + time.perf_counter() - start)
     accelerator.wait_for_everyone()  # nobody leaves the process group while the main process still writes
     accelerator.end_training()
