@@ -54,7 +54,8 @@ def test_numbers_compare_as_numbers():
     # a fraction is its value, not the number in front of its bar; the Unicode minus sign is a minus
     assert not task.is_correct("3/4", "3") and task.is_correct("1/2", "0.5") and task.is_correct("6 / 4", "1.5")
     assert not task.is_correct("\u22125", "5") and task.is_correct("\u22125", "-5")
-    assert parse_number("1/0") is None
+    assert parse_number("1/0") is None and parse_number("2,000/4,000") == 0.5 and parse_number("1/1,000") == 0.001
+    assert parse_number("3/4/2020") == 3 and parse_number("5 /\n2") == 5  # no fraction: a date, a line break
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "gsm-hard", "svamp", "multiarith"])
@@ -130,5 +131,6 @@ def test_a_benchmark_task_trains_and_evaluates(tmp_path, method, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tmp_path / "run/checkpoint")
     task = make_task("multiplication", {"digits": 4, "n_train": 32, "data_dir": DATA})
     longest = max(len(text_ids(tok, task.cot_text(ex))) for ex in task.load("train"))
+    assert json.loads((tmp_path / "run/checkpoint/rim.json").read_text())["reasoning"] == longest  # what eval reads
     room = longest if method == "cot" else 0
     assert longest > 20 and budgets == [task.max_new_tokens + room, make_task("multiarith", {}).max_new_tokens + room]

@@ -225,10 +225,10 @@ def test_coconut_starts_from_a_trained_cot_run(tmp_path):
     assert tok.convert_tokens_to_ids([BOT, THOUGHT, EOT]) == [len(tok) - 3, len(tok) - 2, len(tok) - 1]
 
 
-def test_coconut_decodes_with_the_thoughts_of_the_stage_its_weights_come_from(tmp_path, monkeypatch):
-    """Selection during stage k decodes with stage k's thoughts (stage 0: none), as the original validates; every
-    checkpoint's rim.json names its stage and loads decoding with that stage's thoughts (what the split protocol
-    scores); method.inference_latent_steps overrides it."""
+def test_coconut_decodes_every_checkpoint_in_the_runs_final_form(tmp_path, monkeypatch):
+    """Selection and every checkpoint (also one from stage 0, which would otherwise be scored as CoT and could be
+    picked as Coconut's) decode with the thoughts of the run's last stage, not the maximum; rim.json names the stage
+    a checkpoint comes from and the reasoning room of the budget; method.inference_latent_steps overrides."""
     from rim.eval.run import load_run
     from rim.methods.coconut import Coconut
     from rim.train.loop import train
@@ -237,14 +237,15 @@ def test_coconut_decodes_with_the_thoughts_of_the_stage_its_weights_come_from(tm
     original = Coconut.generate
     monkeypatch.setattr(Coconut, "generate", lambda self, *a, **k: seen.append(self.inference_thoughts())
                         or original(self, *a, **k))
-    stages = [f"{{name: s{k}, kind: latent, steps: 2, latent_steps: {k}}}" for k in range(3)]
-    run = train(tiny_config("coconut", stages, tmp_path, ["method.max_latent_steps=1", "eval.select_split=valid",
+    stages = [f"{{name: s{k}, kind: latent, steps: 2, latent_steps: {k}}}" for k in range(2)]
+    run = train(tiny_config("coconut", stages, tmp_path, ["method.max_latent_steps=2", "eval.select_split=valid",
                                                            "eval.every=2", "train.save_every=2"]))
-    assert seen == [0, 2, 2]  # c = 2 thoughts a step; stage 2 is past the maximum of 1 step
-    for name, stage, thoughts in [("checkpoints/step-2", 0, 0), ("checkpoints/step-4", 1, 2), ("checkpoint", 2, 2)]:
-        assert json.loads((run / name / "rim.json").read_text())["stage"] == stage
-        assert load_run(run, "cpu", name)[3].inference_thoughts() == thoughts
-    assert load_run(run, "cpu", "checkpoints/step-2", ["method.inference_latent_steps=1"])[3].inference_thoughts() == 2
+    assert seen == [2, 2]  # the last stage's 1 step x c = 2 thoughts (the maximum would be 4)
+    for name, stage in [("checkpoints/step-2", 0), ("checkpoints/step-4", 1), ("checkpoint", 1)]:
+        meta = json.loads((run / name / "rim.json").read_text())
+        assert meta["stage"] == stage and meta["reasoning"] > 0
+        assert load_run(run, "cpu", name)[3].inference_thoughts() == 2
+    assert load_run(run, "cpu", "checkpoints/step-2", ["method.inference_latent_steps=2"])[3].inference_thoughts() == 4
 
 
 def test_stage_kinds_are_checked_per_method():

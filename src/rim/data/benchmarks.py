@@ -24,8 +24,9 @@ from rim.data.records import DataError, field, parse_json, read_json_file, strin
 from rim.data.tasks import COT_SEPARATOR, Example, Task, unknown_split
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
-# a number, perhaps with a fraction bar: "3/4" is 0.75, never the 3 in front of it
-_NUMBER = re.compile(r"(-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?))?")
+# a number, perhaps with a fraction bar: "3/4" is 0.75, never the 3 in front of it; "3/4/2020" is no fraction
+_PLAIN = r"\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+"
+_NUMBER = re.compile(rf"(-?(?:{_PLAIN}))(?:[ \t]*/[ \t]*({_PLAIN})(?![\d,.]*[ \t]*/))?")
 # a whole answer must be one plain number once commas are dropped: "18", "-3", "2.5", ".5"
 _ANSWER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
@@ -54,7 +55,7 @@ def parse_number(text: str) -> float | None:
         return None
     try:
         value = float(match.group(1).replace(",", ""))
-        return value if match.group(2) is None else value / float(match.group(2))
+        return value if match.group(2) is None else value / float(match.group(2).replace(",", ""))
     except (ValueError, ZeroDivisionError):
         return None
 
@@ -129,7 +130,6 @@ class NumericTask(Task):
     """A math word-problem task: answers are numbers, compared as numbers."""
 
     max_new_tokens = 12
-    cot_tokens_per_step = 16
 
     def __init__(self, data_dir: str | None = None):
         self.data_dir = data_dir
@@ -187,6 +187,7 @@ class MultiArith(GSMHard):
 
     name = "multiarith"
     test_file = "multiarith/mawpsmultiarith.jsonl"
+    max_new_tokens = 12  # answers of two digits (GSM-Hard's 24 is for its long ones)
 
 
 class SVAMP(NumericTask):
@@ -216,7 +217,6 @@ class CoconutLogic(Task):
     folder = "prosqa"
     default_train = 17886  # Coconut's ProsQA train size
     max_new_tokens = 32
-    cot_tokens_per_step = 24
 
     def __init__(self, data_dir: str | None = None, n_train: int | None = None, seed: int = 0):
         self.data_dir, self.n_train, self.seed = data_dir, n_train or self.default_train, seed

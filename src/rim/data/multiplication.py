@@ -112,7 +112,6 @@ class Multiplication(Task):
         self.digits, self.n_train, self.seed = digits, n_train, seed
         self.data_dir = data_dir  # None: RIM_DATA_DIR (see rim.data.benchmarks.data_file)
         self.max_new_tokens = 4 * digits + 4  # 2n answer digits, with room for spaces if they are tokens
-        self.cot_tokens_per_step = 4 * digits + 8  # a term and its sum: up to 2(2n-1) digits, parentheses, "+"
         self._cache: dict[str, list[Example]] = {}
 
     def _file(self, split: str, folder: str = "multiplication_icot") -> Path:

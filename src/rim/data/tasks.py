@@ -48,8 +48,7 @@ class Task:
     """Base task: plain-text readouts, CoT as ``steps #### answer``, exact-match correctness."""
 
     name = "task"
-    max_new_tokens = 16  # answer budget for No-CoT and RiM; CoT adds cot_tokens_per_step per step
-    cot_tokens_per_step = 8
+    max_new_tokens = 16  # answer budget; methods that reason in text add the longest chain of thought trained on
 
     def load(self, split: str) -> list[Example]:
         raise NotImplementedError
@@ -95,7 +94,6 @@ class RunningSum(Task):
 
     name = "running-sum"
     max_new_tokens = 4
-    cot_tokens_per_step = 1
 
     def __init__(self, digits: int = 4, modulus: int = 10, n_train: int = 20000, n_test: int = 300,
                  n_valid: int = 300, seed: int = 0):

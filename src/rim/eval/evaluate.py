@@ -36,14 +36,17 @@ def answer_budget(task: Task, method: Method, reasoning: int) -> int:
 
 
 def training_reasoning(cfg: Config, task: Task, method: Method, tokenizer) -> int:
-    """Room for text reasoning: the tokens of the longest chain of thought among the run's training examples
-    (``data.train_split``, its first ``data.max_train``); 0 for methods that answer directly.
+    """Room for text reasoning: the tokens of the longest chain of thought among the run's training examples, as
+    the checkpoint recorded it (``method.reasoning``) or else measured on ``data.train_split`` (its first
+    ``data.max_train``); 0 for methods that answer directly.
 
     The budget never comes from the scored split: that would size it from the gold reasoning being scored, and
     out-of-distribution problems (GSM-Hard, SVAMP) carry no steps at all, which left a CoT model no room to reason.
     """
     if not method.cot:
         return 0
+    if method.reasoning is not None:
+        return method.reasoning
     examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
     return max((len(text_ids(tokenizer, task.cot_text(ex))) for ex in examples), default=0)
 

@@ -57,12 +57,13 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
         model = PeftModel.from_pretrained(base, ckpt)
     method = make_method(cfg.method, tokenizer)
     method.cache, method.compile = cfg.eval.cache, cfg.eval.compile
+    method.at_stage(cfg.stages[-1])  # every checkpoint decodes in the run's final form (Coconut: its thoughts)
     try:
-        stage = json.loads((ckpt / "rim.json").read_text(encoding="utf-8")).get("stage")  # older rim: absent
+        reasoning = json.loads((ckpt / "rim.json").read_text(encoding="utf-8")).get("reasoning")  # older rim: none
     except (ValueError, AttributeError) as err:
         raise CheckpointError(f"{ckpt / 'rim.json'}: unreadable ({err})") from err
-    if isinstance(stage, int) and 0 <= stage < len(cfg.stages):
-        method.at_stage(cfg.stages[stage])  # decode as the checkpoint's stage trained (Coconut: its thoughts)
+    if isinstance(reasoning, int) and not isinstance(reasoning, bool):
+        method.reasoning = reasoning
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
 
 

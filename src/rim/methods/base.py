@@ -116,8 +116,10 @@ class Method:
     (rows trained with the LoRA); ``stage_kinds``: the curriculum stage kinds it trains with; ``dynamic``: the
     layout changes during a stage (it is rebuilt for every batch from the stage position). ``cache`` and
     ``compile``: how ``generate`` decodes unless told otherwise (``greedy_generate``; set from ``eval.cache`` and
-    ``eval.compile`` when a run is loaded). ``stage``: the curriculum stage whose training the weights come from
-    (``at_stage``; None when unknown), for methods whose decoding follows it.
+    ``eval.compile`` when a run is loaded). ``stage``: the curriculum stage whose format decoding follows, the
+    run's last (its deployable form; ``at_stage``), for methods whose decoding depends on it; ``reasoning``: room
+    for text reasoning in the budget, as the run's checkpoint recorded it (``training_reasoning``). Both are None
+    outside a run.
     """
 
     name = "method"
@@ -129,13 +131,15 @@ class Method:
     cache = "dynamic"
     compile: bool | str = False
     stage: StageConfig | None = None
+    reasoning: int | None = None
 
     def __init__(self, cfg: MethodConfig, tokenizer):
         self.cfg, self.eos_id = cfg, tokenizer.eos_token_id
         self.token = dict(zip(self.special_tokens, token_ids(tokenizer, self.special_tokens)))
 
     def at_stage(self, stage: StageConfig | None) -> None:
-        """Decode as a model trained in ``stage`` (set when training enters a stage and when a checkpoint loads)."""
+        """Decode in the format ``stage`` trains: rim sets the run's last stage when training starts (selection) and
+        when a run loads (every checkpoint is scored in the form the run deploys)."""
         self.stage = stage
 
     def tokenize(self, task: Task, tokenizer, ex: Example, prompt_format: str = "plain") -> TokenizedExample:

@@ -131,9 +131,9 @@ class Coconut(Method):
         return latent_forward(model, batch, keep=keep)
 
     def inference_thoughts(self) -> int:
-        """Thoughts fed at inference: ``method.inference_latent_steps``' worth if set, else those of the stage the
-        weights were trained in (selection during stage k decodes with stage k's thoughts, as the original
-        validates), else the maximum."""
+        """Thoughts fed at inference: ``method.inference_latent_steps``' worth if set, else those of the run's last
+        stage (``at_stage``; every checkpoint, also one from stage 0, is scored in the form the run deploys, so the
+        protocol never picks a CoT-decoded checkpoint as Coconut's), else the maximum."""
         steps = self.cfg.inference_latent_steps
         if steps is None:
             steps = self.cfg.max_latent_steps if self.stage is None else self.stage.latent_steps or 0

@@ -318,7 +318,6 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
 
     first_step = pos.step - pos.stage_step
     seed = cfg.train.seed + first_step
-    method.at_stage(stage)  # selection decodes as this stage trains (Coconut: its thoughts)
     checkpointer.stage = pos.stage
     layouts = StageData(data, method, stage, seed)
     if cfg.train.bucket_by_length:
@@ -579,7 +578,7 @@ class Checkpointer:
     def trained_in(self) -> dict:
         """What a checkpoint's ``rim.json`` says of the stage its weights were trained in (``stage``: index)."""
         index = self.stage
-        return {"stage": index, "stage_name": self.cfg.stages[index].name}
+        return {"stage": index, "stage_name": self.cfg.stages[index].name, "reasoning": self.reasoning}
 
     def save(self, model, pos: Position, optimizer, scheduler) -> None:
         """A resumable checkpoint ``checkpoints/step-N``; then only the newest ``train.keep_last`` are kept."""
@@ -619,20 +618,23 @@ class Checkpointer:
         model.train()
 
 
-def check_selection(cfg: Config, data: list[TokenizedExample], selection: list[TokenizedExample], log: RunLog) -> None:
-    """Refuse a selection split made only of training problems, and warn (and log a ``select_overlap`` event) when
-    some of its problems are training problems: GSM8K's ``valid`` is drawn from its ``train``, for example."""
+def check_selection(cfg: Config, task: Task, data: list[TokenizedExample]) -> dict | None:
+    """Refuse a selection split made only of training problems; warn when some of its problems are training
+    problems (GSM8K's ``valid`` is drawn from its ``train``) and return ``{"shared": n, "n": size}`` to log."""
+    if not cfg.eval.select_split:
+        return None
+    selection = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
     trained = {ex.example.question for ex in data}
-    shared = sum(ex.example.question in trained for ex in selection)
+    shared = sum(ex.question in trained for ex in selection)
     if not shared:
-        return
+        return None
     where = (f"{shared} of the {len(selection)} problems of the selection split {cfg.eval.select_split!r} are "
              f"training problems of data.train_split {cfg.data.train_split!r}")
     if shared == len(selection):
         raise ConfigError(f"eval.select_split: {where}; select on held-out problems (for gsm8k: "
                           "data.train_split=train_no_valid with eval.select_split=valid)")
     warnings.warn(f"{where}: selection partly measures memory", stacklevel=2)
-    log.write(event="select_overlap", split=cfg.eval.select_split, shared=shared, n=len(selection))
+    return {"shared": shared, "n": len(selection)}
 
 
 def resume_point(run_dir: Path, resume: str | None) -> Path | None:
@@ -723,6 +725,22 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
             raise CheckpointError(f"{start_from} was written by {saved_processes} processes, this run has "
                                   f"{accelerator.num_processes}; resume with the same number (the data position "
                                   "counts each process's batches)")
+    # everything that can refuse the run (model, data, selection split) comes before anything is written
+    task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
+    model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
+                                               method_class(cfg.method.name).special_tokens)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
+                           cfg.model.lora_dropout)
+    if start_from is not None:
+        load_weights(model, start_from)
+    if cfg.train.compile:
+        compile_model(model, cfg.train.compile, cfg.train.compile_scope)
+    method = make_method(cfg.method, tokenizer)
+    method.at_stage(cfg.stages[-1])  # selection scores the run's final form (Coconut: its last stage's thoughts)
+    data = prepare_data(cfg, task, tokenizer, method)
+    shared = check_selection(cfg, task, data)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -736,23 +754,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     if cfg.train.trackers:
         accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(cfg))
     log = RunLog(run_dir, accelerator.is_main_process, accelerator)
-    task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
-    model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
-                                               method_class(cfg.method.name).special_tokens)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
-                           cfg.model.lora_dropout)
     if start_from is not None:
-        load_weights(model, start_from)
         log.write(event="resume", step=pos.step, checkpoint=str(start_from), config_changes=diff)
         if accelerator.is_main_process:
             print(f"resuming from {start_from} (step {pos.step})"
                   + "".join(f"\n  config changed: {line}" for line in diff))
-    if cfg.train.compile:
-        compile_model(model, cfg.train.compile, cfg.train.compile_scope)
-    method = make_method(cfg.method, tokenizer)
-    data = prepare_data(cfg, task, tokenizer, method)
     if task.records.total_skipped() or task.records.truncated:
         log.write(event="data", skipped=task.records.skipped, skipped_total=task.records.total_skipped(),
                   truncated=task.records.truncated)
@@ -767,9 +773,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision,
               processes=accelerator.num_processes, sharded=is_sharded(model))
+    if shared:
+        log.write(event="select_overlap", split=cfg.eval.select_split, **shared)
     checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log,
                                 max((len(ex.cot) for ex in data), default=0))
-    check_selection(cfg, data, checkpointer.examples, log)
     checkpointer.best = best
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
              + describe_layout(method.train_layout(data[0], stage), tokenizer, stage, cfg.method.readout_sees_question)
