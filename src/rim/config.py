@@ -73,8 +73,8 @@ class MethodConfig:
     pause_tokens: int | None = None  # pause: N <pause> tokens; None: K (M + 2), the tokens of RiM's K blocks
     thoughts_per_step: int = 2  # coconut: c, continuous thoughts per replaced step
     max_latent_steps: int = 3  # coconut: steps replaced at most; stages beyond it drop all language steps
-    inference_latent_steps: int | None = None  # coconut: steps' worth of thoughts at inference; None: the trained
-    # stage's (the checkpoint's, from its rim.json; the maximum for checkpoints that do not say)
+    inference_latent_steps: int | None = None  # coconut: steps' worth of thoughts at inference; None: the last
+    # stage's (every checkpoint is scored in the form the run deploys)
     remove_per_epoch: float = 8.0  # icot: Δ, reasoning tokens removed from the front per epoch
     remove_smoothing: float | None = 4.0  # icot: λ of the removal offset P(o) ∝ exp(-λ o); None: off
 

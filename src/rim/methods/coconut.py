@@ -9,7 +9,7 @@ past ``max_latent_stage``). Stage ``latent_steps: 0`` is plain CoT in the same f
 
 Differences from the original code: each stage uses min(k, max) x c thoughts for every example (the original gives
 each example of the stages past the maximum only as many thoughts as it has steps), and generation is batched and
-KV-cached. A checkpoint decodes with the thoughts of the stage it was trained in (``inference_thoughts``).
+KV-cached. Every checkpoint decodes with the thoughts of the run's last stage (``inference_thoughts``).
 
 Training aligns every question end in one column (left padding), so thought j sits in the same column for the
 whole batch and the passes run through one KV cache: a prefill to ``<bot>``, one single-column pass per thought,
