@@ -167,13 +167,16 @@ def test_resume_reports_changed_config_and_a_fresh_dir_refuses_to_mix(tmp_path, 
 
 def test_resuming_into_a_shortened_stage_is_refused_naming_the_key(tmp_path, monkeypatch):
     """A stage cut below the checkpoint's place in it: an error naming the stage's key (it used to spin forever);
-    the checkpoints stay, and the run resumes once the stage is long enough again."""
+    nothing is written before the refusal (config.yaml, the log and the checkpoints stay as they were), and the run
+    resumes once the stage is long enough again."""
     crashed_run(tmp_path, monkeypatch, 5)
     run = tmp_path / "cut"
+    before = {name: (run / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
     short = RIM[0].replace("steps: 6", "steps: 3")
     with pytest.raises(ConfigError, match=r"stages\.0.*now lasts 3 steps.*step 4"):
         train(load_config(None, [*TINY, short, f"output_dir={run}"]), resume="auto")
     assert (run / "checkpoints" / "step-4").is_dir()
+    assert {name: (run / name).read_text() for name in before} == before
     train(config(tmp_path, "cut", RIM), resume="auto")
     assert max(losses(run)) == 11
 

@@ -306,19 +306,11 @@ class StopSignals:
             dist.destroy_process_group(self.group)
 
 
-def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
-              accelerator, optimizer, log: RunLog, pos: Position, checkpointer: Checkpointer,
-              stop: StopSignals, resumed: dict | None = None, clock: tuple[float, float] | None = None
-              ) -> torch.optim.Optimizer:
-    """Train one curriculum stage from ``pos`` (updated as training goes); returns the optimizer (kept when the
-    next stage does not reset it). ``resumed``: the optimizer, scheduler and RNG states of a resumed checkpoint.
-    ``clock``: the run's training time before this process started it and the ``perf_counter`` then, from which
-    ``pos.train_s`` counts (by default, from this stage's start)."""
-    from accelerate.utils import send_to_device
-
-    first_step = pos.step - pos.stage_step
-    seed = cfg.train.seed + first_step
-    checkpointer.stage = pos.stage
+def plan_stage(cfg: Config, stage: StageConfig, data: list[TokenizedExample], method: Method, accelerator,
+               pos: Position) -> tuple:
+    """(layouts, sampler, loader, optimizer steps) of ``stage`` as ``pos`` enters or resumes it; refuses a resumed
+    position at or past the stage's end (a stage shortened since the checkpoint)."""
+    seed = cfg.train.seed + pos.step - pos.stage_step
     layouts = StageData(data, method, stage, seed)
     if cfg.train.bucket_by_length:
         sampler = LengthBuckets(layouts.lengths(), cfg.train.batch_size, seed)
@@ -328,12 +320,28 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
         batching = {"sampler": sampler, "batch_size": cfg.train.batch_size}
     loader = accelerator.prepare(DataLoader(range(len(data)), collate_fn=list, **batching,
                                             generator=torch.Generator().manual_seed(seed)))
-    accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
-    total = stage_length(stage, len(loader), accumulate)
+    total = stage_length(stage, len(loader), accelerator.gradient_accumulation_steps)  # per process
     if pos.stage_step >= total:  # only a resumed run gets here: its stage was shortened since the checkpoint
         raise ConfigError(f"stage {stage.name!r} (stages.{pos.stage}) now lasts {total} steps, but the checkpoint is "
                           f"at its step {pos.stage_step}; to resume, give it more steps (stages.{pos.stage}.steps or "
                           ".epochs, or the train.batch_size and train.grad_accum it was saved with)")
+    return layouts, sampler, loader, total
+
+
+def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list[TokenizedExample], tokenizer,
+              accelerator, optimizer, log: RunLog, pos: Position, checkpointer: Checkpointer,
+              stop: StopSignals, resumed: dict | None = None, clock: tuple[float, float] | None = None,
+              plan: tuple | None = None) -> torch.optim.Optimizer:
+    """Train one curriculum stage from ``pos`` (updated as training goes); returns the optimizer (kept when the
+    next stage does not reset it). ``resumed``: the optimizer, scheduler and RNG states of a resumed checkpoint.
+    ``clock``: the run's training time before this process started it and the ``perf_counter`` then, from which
+    ``pos.train_s`` counts (by default, from this stage's start). ``plan``: ``plan_stage``'s, when made already."""
+    from accelerate.utils import send_to_device
+
+    first_step = pos.step - pos.stage_step
+    checkpointer.stage = pos.stage
+    layouts, sampler, loader, total = plan or plan_stage(cfg, stage, data, method, accelerator, pos)
+    accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     steps_per_epoch = math.ceil(len(loader) / accumulate)
     sharded, graphs = is_sharded(model), cfg.train.compile in CUDA_GRAPH_MODES
     if optimizer is None or stage.reset_optimizer or resumed is not None:
@@ -741,6 +749,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     method.at_stage(cfg.stages[-1])  # selection scores the run's final form (Coconut: its last stage's thoughts)
     data = prepare_data(cfg, task, tokenizer, method)
     shared = check_selection(cfg, task, data)
+    resumed_plan = None  # a resumed stage's length is checked here too, before anything is written
+    if start_from is not None and pos.stage < len(cfg.stages):
+        resumed_plan = plan_stage(cfg, cfg.stages[pos.stage], data, method, accelerator, pos)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -787,8 +798,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     with StopSignals() as stop:
         while pos.stage < len(cfg.stages):
             optimizer = run_stage(cfg, cfg.stages[pos.stage], model, method, data, tokenizer, accelerator, optimizer,
-                                  log, pos, checkpointer, stop, resumed, clock=(before, start))
-            resumed = None
+                                  log, pos, checkpointer, stop, resumed, clock=(before, start), plan=resumed_plan)
+            resumed = resumed_plan = None
     checkpointer.stage = len(cfg.stages) - 1
     save_checkpoint(model, tokenizer, cfg, run_dir / "checkpoint", accelerator, checkpointer.trained_in())
     log.write(event="done", steps=pos.step, train_s=before + time.perf_counter() - start)
