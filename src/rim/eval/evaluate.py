@@ -35,6 +35,11 @@ def answer_budget(task: Task, method: Method, reasoning: int) -> int:
     return task.max_new_tokens + (reasoning if method.cot else 0)
 
 
+def longest_cot(examples: list[TokenizedExample]) -> int:
+    """Tokens of the longest chain of thought among tokenized examples (0 for none)."""
+    return max((len(ex.cot) for ex in examples), default=0)
+
+
 def training_reasoning(cfg: Config, task: Task, method: Method, tokenizer) -> int:
     """Room for text reasoning: the tokens of the longest chain of thought among the run's training examples, as
     the checkpoint recorded it (``method.reasoning``) or else measured on ``data.train_split`` (its first
@@ -100,7 +105,7 @@ def evaluate(model: nn.Module, tokenizer, task: Task, method: Method, examples: 
     """
     model.eval()
     if reasoning is None:  # from all examples: the same on every process
-        reasoning = max((len(ex.cot) for ex in examples), default=0)
+        reasoning = longest_cot(examples)
     budget = answer_budget(task, method, reasoning)
     rank, world = shard()
     mine = list(range(rank, len(examples), world))

@@ -103,8 +103,9 @@ def split_cot(task: Task, tokenizer, ex: Example, steps: tuple[str, ...] | None 
         cut = len(text[:cut].rstrip()) if cut >= 0 else len(text)
         return text[:cut], text[cut:]
 
-    reasoning = parts(task.cot_text(Example(ex.question, ex.steps if steps is None else steps, ex.answer)))[0]
-    tail = parts(task.cot_text(ex))[1]
+    reasoning, tail = parts(task.cot_text(ex))
+    if steps is not None:
+        reasoning = parts(task.cot_text(Example(ex.question, steps, ex.answer)))[0]
     return text_ids(tokenizer, reasoning) if reasoning.strip() else [], text_ids(tokenizer, tail)
 
 

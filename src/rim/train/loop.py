@@ -31,8 +31,8 @@ from rim.core.batch import collate
 from rim.core.curriculum import readout_weights, token_weights, weighted_readout_loss
 from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
-from rim.data.tasks import Task, make_task
-from rim.eval.evaluate import evaluate
+from rim.data.tasks import Example, Task, make_task
+from rim.eval.evaluate import evaluate, longest_cot
 from rim.infer.generate import CUDA_GRAPH_MODES
 from rim.methods.base import Method, TokenizedExample, make_method, method_class, tokenize_training
 from rim.models.adapter import (compile_model, enable_gradient_checkpointing, make_trainable, masked_loss,
@@ -556,15 +556,13 @@ class Checkpointer:
     final-block accuracy in ``best/``. The scored split is never the selection split (the config checks it)."""
 
     def __init__(self, cfg: Config, run_dir: Path, task: Task, tokenizer, method: Method, accelerator, log: RunLog,
-                 reasoning: int = 0):
+                 selection: list[Example], reasoning: int = 0):
         self.cfg, self.run_dir, self.task, self.tokenizer, self.method = cfg, run_dir, task, tokenizer, method
         self.accelerator, self.log, self.best = accelerator, log, -1.0
         self.reasoning = reasoning  # room for text reasoning when selecting: the longest trained chain of thought
         self.stage = 0  # index of the stage being trained (run_stage sets it)
-        self.examples = []
-        if cfg.eval.select_split:
-            exs = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
-            self.examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in exs]
+        # the selection problems (``selection_problems``), scored whenever ``selects_at`` says so
+        self.examples = [method.tokenize(task, tokenizer, ex, cfg.data.prompt_format) for ex in selection]
 
     def saves_at(self, step: int, stage_end: bool) -> bool:
         """Whether ``on_step`` writes a checkpoint at this step."""
@@ -626,12 +624,16 @@ class Checkpointer:
         model.train()
 
 
-def check_selection(cfg: Config, task: Task, data: list[TokenizedExample]) -> dict | None:
+def selection_problems(cfg: Config, task: Task) -> list[Example]:
+    """The problems ``eval.select_split`` scores during training (its first ``eval.select_max``); none without it."""
+    return task.load(cfg.eval.select_split)[: cfg.eval.select_max] if cfg.eval.select_split else []
+
+
+def check_selection(cfg: Config, selection: list[Example], data: list[TokenizedExample]) -> dict | None:
     """Refuse a selection split made only of training problems; warn when some of its problems are training
     problems (GSM8K's ``valid`` is drawn from its ``train``) and return ``{"shared": n, "n": size}`` to log."""
-    if not cfg.eval.select_split:
+    if not selection:
         return None
-    selection = task.load(cfg.eval.select_split)[: cfg.eval.select_max]
     trained = {ex.example.question for ex in data}
     shared = sum(ex.question in trained for ex in selection)
     if not shared:
@@ -748,7 +750,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     method = make_method(cfg.method, tokenizer)
     method.at_stage(cfg.stages[-1])  # selection scores the run's final form (Coconut: its last stage's thoughts)
     data = prepare_data(cfg, task, tokenizer, method)
-    shared = check_selection(cfg, task, data)
+    selection = selection_problems(cfg, task)
+    shared = check_selection(cfg, selection, data)
     resumed_plan = None  # a resumed stage's length is checked here too, before anything is written
     if start_from is not None and pos.stage < len(cfg.stages):
         resumed_plan = plan_stage(cfg, cfg.stages[pos.stage], data, method, accelerator, pos)
@@ -786,8 +789,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
               processes=accelerator.num_processes, sharded=is_sharded(model))
     if shared:
         log.write(event="select_overlap", split=cfg.eval.select_split, **shared)
-    checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log,
-                                max((len(ex.cot) for ex in data), default=0))
+    checkpointer = Checkpointer(cfg, run_dir, task, tokenizer, method, accelerator, log, selection,
+                                longest_cot(data))
     checkpointer.best = best
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
              + describe_layout(method.train_layout(data[0], stage), tokenizer, stage, cfg.method.readout_sees_question)
