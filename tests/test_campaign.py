@@ -179,7 +179,7 @@ def test_gsm8k_campaign_smoke_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # output_dir is relative: runs/campaign/... lands here
     start = time.monotonic()
     assert main(["campaign", str(ROOT / "configs/campaign/gsm8k-smollm2.yaml"), "--smoke", "--out", "out"]) == 0
-    assert time.monotonic() - start < 160  # the smoke deadline is 150 s: 2 cores shared with other work
+    assert time.monotonic() - start < 125  # the smoke deadline is 115 s
     state = json.loads((tmp_path / "out" / "campaign.json").read_text())
     assert {s["level"] for s in state["calibration"] if "steps" in s} == {1, 2}
     assert state["plan"]["concurrency"] in (1, 2) and state["plan"]["steps"]["gsm8k"] >= 1

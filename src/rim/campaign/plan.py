@@ -35,6 +35,7 @@ class Plan:
     slot_s: float
     steps: dict[str, int]
     levels: list[dict] = field(default_factory=list)
+    floored: bool = False  # no level fitted: the steps were raised to the minimum (the deadline cuts what is late)
 
 
 class PlanError(RuntimeError):
@@ -85,14 +86,19 @@ def speed_at(measured: dict[str, dict[int, Speed]], method: str, level: int, ref
 
 def plan_budget(tasks: dict[str, list[str]], problems: dict[str, float], measured: dict[str, dict[int, Speed]],
                 levels: list[int], time_s: float, eval_cost_factor: float = 2.0, min_steps: int = 1,
-                max_concurrent: int | None = None) -> Plan:
+                max_concurrent: int | None = None, floor: bool = False) -> Plan:
     """The plan for ``tasks`` (task -> the method of each of its jobs, one entry per job) given ``time_s`` seconds
     for the concurrent phase; ``problems``: problems each method's job scores (selection, test, OOD).
+    When no level fits every task's ``min_steps``: ``PlanError``, or with ``floor`` the level that fits the most
+    steps with every task raised to ``min_steps`` (a rehearsal on a busy CPU still runs; its deadline cuts the
+    jobs that come late, as it would on the device).
 
     >>> m = {"nocot": {1: Speed(4.0, 0.01), 2: Speed(3.0, 0.02)}, "cot": {1: Speed(2.0, 0.05), 2: Speed(1.5, 0.1)}}
     >>> p = plan_budget({"t": ["nocot", "cot"]}, {"nocot": 100, "cot": 100}, m, [1, 2], 120.0, 1.0)
     >>> p.concurrency, p.waves, p.slot_s, p.steps
     (2, 1, 120.0, {'t': 165})
+    >>> plan_budget({"t": ["nocot", "cot"]}, {"nocot": 100, "cot": 100}, m, [1, 2], 5.0, 1.0, 2, floor=True).steps
+    {'t': 2}
     """
     n_jobs = sum(len(methods) for methods in tasks.values())
     reference = next(iter(measured)) if measured else ""
@@ -113,6 +119,10 @@ def plan_budget(tasks: dict[str, list[str]], problems: dict[str, float], measure
         rows.append({"concurrency": c, "waves": waves, "slot_s": round(slot, 2), "steps": steps, "feasible": feasible})
         if feasible and (best is None or sum(steps.values()) > sum(best.steps.values())):
             best = Plan(c, waves, slot, steps)
+    if best is None and floor and rows:
+        row = max(rows, key=lambda r: (min(r["steps"].values()), -r["waves"]))
+        best = Plan(row["concurrency"], row["waves"], row["slot_s"],
+                    {t: max(n, min_steps) for t, n in row["steps"].items()}, floored=True)
     if best is None:
         raise PlanError(f"no concurrency leaves every task {min_steps} steps in {time_s:.0f} s: {rows}")
     best.levels = rows

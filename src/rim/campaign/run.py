@@ -200,7 +200,8 @@ class Campaign:
         time_s = (self.deadline - time.monotonic() - self.spec.pack_s
                   - self.spec.timing.seconds_per_run * len(jobs))
         plan = plan_budget(tasks, problems, mean_speeds(samples), self.spec.calibration.levels, time_s,
-                           self.spec.eval_cost_factor, self.spec.min_steps, self.spec.max_concurrent)
+                           self.spec.eval_cost_factor, self.spec.min_steps, self.spec.max_concurrent,
+                           self.spec.floor)
         self.state["plan"] = {**asdict(plan), "time_s": round(time_s, 2), "problems": problems}
         self.phase("plan", concurrency=plan.concurrency, steps=plan.steps)
         return plan

@@ -34,7 +34,7 @@ from rim.compare import merge
 from rim.config import Config, ConfigError, load_config
 
 TOP_KEYS = ("output_dir", "deadline_s", "max_concurrent", "calibration", "timing", "overrides", "tasks", "smoke",
-            "eval_cost_factor", "min_steps", "pack_s", "threads_per_process", "selections")
+            "eval_cost_factor", "min_steps", "floor", "pack_s", "threads_per_process", "selections")
 CALIBRATION_KEYS = ("steps", "levels", "eval_examples", "max_share")
 TIMING_KEYS = ("examples", "seconds_per_run")
 TASK_KEYS = ("seeds", "ood", "methods")
@@ -115,6 +115,7 @@ class CampaignSpec:
     tasks: list[TaskEntry]
     eval_cost_factor: float = 2.0  # safety factor on calibrated scoring time (per-block readouts, longer answers)
     min_steps: int = 1  # a plan with fewer optimizer steps per job than this is refused
+    floor: bool = False  # ... unless this is set: then every job gets min_steps and the deadline cuts late ones
     pack_s: float = 15.0  # seconds kept at the end for the report and packing
     threads_per_process: int = 1  # OMP/MKL threads of each worker process
     selections: int = 4  # checkpoint selections on the valid split per run (plus one at each stage end)
@@ -222,6 +223,7 @@ def load_campaign(path: str | Path, smoke: bool = False) -> CampaignSpec:
         tasks=_tasks(data.get("tasks"), where),
         eval_cost_factor=float(_expect(data.get("eval_cost_factor", 2.0), (int, float), "eval_cost_factor", where)),
         min_steps=_expect(data.get("min_steps", 1), int, "min_steps", where),
+        floor=_expect(data.get("floor", False), bool, "floor", where),
         pack_s=float(_expect(data.get("pack_s", 15.0), (int, float), "pack_s", where)),
         threads_per_process=_expect(data.get("threads_per_process", 1), int, "threads_per_process", where),
         selections=_expect(data.get("selections", 4), int, "selections", where))
