@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 
+LATENT_METHODS = ("coconut", "codi")  # continuous thoughts fed back pass by pass (rim.methods.latent)
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")  # accelerate's names
 
 
@@ -64,7 +65,7 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """The method and its settings: rim, cot, nocot, pause, coconut or icot (``rim.methods``)."""
+    """The method and its settings: rim, cot, nocot, pause, coconut, codi or icot (``rim.methods``)."""
 
     name: str = "rim"
     memory_tokens: int = 2  # M, memory tokens per block
@@ -77,6 +78,18 @@ class MethodConfig:
     # stage's (every checkpoint is scored in the form the run deploys)
     remove_per_epoch: float = 8.0  # icot: Δ, reasoning tokens removed from the front per epoch
     remove_smoothing: float | None = 4.0  # icot: λ of the removal offset P(o) ∝ exp(-λ o); None: off
+    latents: int = 6  # codi: continuous thoughts between <bot> and <eot> (the paper's 6)
+    projection: bool = True  # codi: each thought's hidden state passes an MLP + LayerNorm before it is fed back
+    projection_dim: int | None = None  # codi: the MLP's inner width; None: the model's hidden size
+    teacher_weight: float = 1.0  # codi: α, weight of the teacher's (CoT) cross-entropy
+    student_weight: float = 1.0  # codi: β, weight of the student's (latent) cross-entropy
+    distill_weight: float = 1.0  # codi: γ, weight of the distillation loss (the paper's GPT-2 1, Llama 20)
+    distill_loss: str = "l1"  # codi: l1, smooth_l1 or l2 between the student's and teacher's hidden states
+    distill_std: bool = True  # codi: divide each layer's distillation loss by the teacher states' std
+    drop_last_step: bool = False  # codi: the teacher's CoT without its last step (CODI's released recipe drops it)
+    step_supervision: bool = False  # coconut, codi: SIM-CoT's auxiliary decoder decodes each thought group's step
+    step_supervision_weight: float = 1.0  # coconut, codi: weight of SIM-CoT's step-decoding loss
+    step_decoder: str = "separate"  # separate (SIM-CoT: a trained copy of the LM) or shared (ours: the LM itself)
 
 
 @dataclass
@@ -320,8 +333,18 @@ def validate(cfg: Config) -> None:
         (cfg.method.readout_sees_question or (cfg.method.name in METHODS and METHODS[cfg.method.name].any_block),
          "method.readout_sees_question", "true for methods without memory blocks (their answers are decoded under "
          "a causal mask, which shows the question; hiding it in training only would train another model)"),
-        (not (cfg.train.fsdp and cfg.method.name == "coconut"), "train.fsdp",
-         "false for coconut (its latent passes embed outside the model's forward, where FSDP holds only shards)"),
+        (not (cfg.train.fsdp and cfg.method.name in LATENT_METHODS), "train.fsdp",
+         f"false for {cfg.method.name} (its latent passes embed outside the model's forward, where FSDP holds only "
+         "shards)"),
+        (cfg.method.latents >= 1, "method.latents", ">= 1"),
+        (cfg.method.projection_dim is None or cfg.method.projection_dim >= 1, "method.projection_dim", ">= 1"),
+        (min(cfg.method.teacher_weight, cfg.method.student_weight, cfg.method.distill_weight,
+             cfg.method.step_supervision_weight) >= 0,
+         "method.teacher_weight/student_weight/distill_weight/step_supervision_weight", ">= 0"),
+        (cfg.method.distill_loss in ("l1", "smooth_l1", "l2"), "method.distill_loss", "l1, smooth_l1 or l2"),
+        (cfg.method.step_decoder in ("separate", "shared"), "method.step_decoder", "separate or shared"),
+        (not cfg.method.step_supervision or cfg.method.name in LATENT_METHODS, "method.step_supervision",
+         f"false for {cfg.method.name} (SIM-CoT supervises continuous thoughts: coconut or codi)"),
         (not (cfg.model.name == "tiny" and cfg.model.train_mode == "lora"), "model.train_mode",
          "'full' for model.name=tiny (a randomly initialised model is trained from scratch)"),
     ]
@@ -355,8 +378,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.save_every is None or cfg.train.save_every >= 1, "train.save_every", ">= 1"),
         (cfg.train.keep_last is None or cfg.train.keep_last >= 1, "train.keep_last", ">= 1"),
         (all(t in TRACKERS for t in cfg.train.trackers), "train.trackers", f"a list of {', '.join(TRACKERS)}"),
-        (not (cfg.train.gradient_checkpointing and cfg.method.name == "coconut"), "train.gradient_checkpointing",
-         "false for coconut (its latent passes need the KV cache, which checkpointing turns off)"),
+        (not (cfg.train.gradient_checkpointing and cfg.method.name in LATENT_METHODS), "train.gradient_checkpointing",
+         f"false for {cfg.method.name} (its latent passes need the KV cache, which checkpointing turns off)"),
         (not cfg.train.fused_loss or cfg.train.supervised_logits, "train.fused_loss",
          "false when train.supervised_logits is false (it computes the loss at the supervised positions only)"),
         (not cfg.train.fused_loss or METHODS.get(cfg.method.name, Method).forward is Method.forward,
@@ -369,8 +392,8 @@ def validate(cfg: Config) -> None:
         (not graphs or cfg.train.pad_to_multiple is not None, "train.pad_to_multiple",
          f"set when train.compile is {cfg.train.compile} (CUDA graphs are recorded once per batch shape, length "
          "and batch size; a multiple of 8 to 64 keeps the padding and the number of lengths small)"),
-        (not graphs or cfg.method.name != "coconut", "train.compile",
-         "not a CUDA-graph mode for coconut (its latent passes change the sequence length pass by pass)"),
+        (not graphs or cfg.method.name not in LATENT_METHODS, "train.compile",
+         f"not a CUDA-graph mode for {cfg.method.name} (its latent passes change the sequence length pass by pass)"),
         (not graphs or not (cfg.train.fsdp or cfg.train.gradient_checkpointing),
          "train.compile", "not a CUDA-graph mode with train.fsdp or train.gradient_checkpointing (untested: FSDP "
          "gathers weights inside the blocks, and checkpointing reruns their forward inside the backward)"),

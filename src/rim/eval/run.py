@@ -44,9 +44,11 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     remote = cfg.model.trust_remote_code  # as in training: a checkpoint's own code runs only if the user said so
     tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=remote)
     ensure_pad_token(tokenizer)
+    method = make_method(cfg.method, tokenizer)
     if cfg.model.train_mode == "full":
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=remote,
                                                      attn_implementation=cfg.model.attn_implementation)
+        load_own_modules(model, method.extend_model(model), ckpt)
     else:
         from peft import PeftModel
 
@@ -54,8 +56,8 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
 
         base, base_tokenizer = load_base(cfg.model, task)
         add_tokens(base_tokenizer, base, method_class(cfg.method.name).special_tokens)  # as in training
+        method.extend_model(base)  # its own modules (CODI's projection), which peft loads as modules_to_save
         model = PeftModel.from_pretrained(base, ckpt)
-    method = make_method(cfg.method, tokenizer)
     method.cache, method.compile = cfg.eval.cache, cfg.eval.compile
     method.at_stage(cfg.stages[-1])  # every checkpoint decodes in the run's final form (Coconut: its thoughts)
     try:
@@ -65,6 +67,21 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     if isinstance(reasoning, int) and not isinstance(reasoning, bool):
         method.reasoning = reasoning
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
+
+
+def load_own_modules(model: torch.nn.Module, names: list[str], ckpt: Path) -> None:
+    """Load the weights of a method's own modules (``Method.extend_model``; Hugging Face's ``from_pretrained`` drops
+    them as unknown) from a full-mode checkpoint's safetensors."""
+    if not names:
+        return
+    from safetensors.torch import load_file
+
+    weights = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name in names:
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if not own:
+            raise CheckpointError(f"{ckpt}: no weights of {name} (the method's own module) in the checkpoint")
+        getattr(model, name).load_state_dict(own)
 
 
 def eval_run(run_dir: str | Path, split: str | None = None, blocks: int | None = None, max_eval: int | None = None,

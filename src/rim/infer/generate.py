@@ -16,6 +16,7 @@ import functools
 import inspect
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,8 +138,8 @@ def check_positions(limit: int | None, needed: int) -> None:
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                     use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None,
-                    cache: str = "dynamic", compile: bool | str = False, hidden: list[int] | None = None
-                    ) -> Generation:
+                    cache: str = "dynamic", compile: bool | str = False, hidden: list[int] | None = None,
+                    project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Generation:
     """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch.
 
     ``latents`` > 0 (continuous thoughts, e.g. Coconut): after the prompt, that many positions take the previous
@@ -147,7 +148,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     step) or ``static`` (preallocated for prompt + latent passes + ``max_new_tokens``); ``compile``: run the
     decoding steps through ``torch.compile`` (a mode name, or True for the device's default), static cache only.
     ``hidden``: per prompt, how many of its first tokens the generated tokens (and any latent passes) must not see;
-    the prompt's own tokens still do (RiM's ``readout_sees_question: false``); needs the cache.
+    the prompt's own tokens still do (RiM's ``readout_sees_question: false``); needs the cache. ``project``: what a
+    latent's hidden state passes through before it is fed back (CODI's projection); None: fed as it is.
     """
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
@@ -200,7 +202,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
             past = out[cache_arg]
         if plan:
             if plan.pop(0) == "latent":
-                pending = out.hidden_states[-1][:, -1:].to(fed.dtype)
+                pending = out.hidden_states[-1][:, -1:]
+                pending = (pending if project is None else project(pending)).to(fed.dtype)
             else:
                 pending = as_input(torch.tensor([after_latents] * batch, device=device))
         else:

@@ -152,6 +152,27 @@ class Method:
         only to dynamic methods."""
         raise NotImplementedError
 
+    def extend_model(self, model) -> list[str]:
+        """Add the method's own modules to ``model`` (the Hugging Face model, before LoRA wraps it; CODI's projection),
+        unless it has them already; returns their names, which train in full and are saved with the checkpoint (peft's
+        ``modules_to_save`` in LoRA mode). None by default."""
+        return []
+
+    def prepare_training(self, model, processes: int = 1) -> None:
+        """Make what only training needs (SIM-CoT's auxiliary decoder) from ``model``, the unwrapped model on its
+        device, before the first optimizer exists; ``processes``: how many train together."""
+
+    def training_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters outside the model (they join the optimizer; never saved). None by default."""
+        return []
+
+    def loss(self, model, batch: dict[str, torch.Tensor], weights: torch.Tensor, supervised_logits: bool = True
+             ) -> torch.Tensor | None:
+        """The training loss of a batch where the method has its own (CODI's distillation, SIM-CoT's step decoding),
+        else None: the weighted readout loss of ``forward``'s logits (``rim.train.loop.step_loss``). ``weights``: the
+        per-token loss weights (B, L) of the batch's labels."""
+        return None
+
     def plain_decoding(self) -> str | None:
         """None when inference is ``prompt`` + plain causal greedy decoding, so that any causal LM engine given the
         prompt answers alike (what ``rim export`` needs); else why not."""

@@ -11,75 +11,29 @@ Differences from the original code: each stage uses min(k, max) x c thoughts for
 each example of the stages past the maximum only as many thoughts as it has steps), and generation is batched and
 KV-cached. Every checkpoint decodes with the thoughts of the run's last stage (``inference_thoughts``).
 
-Training aligns every question end in one column (left padding), so thought j sits in the same column for the
-whole batch and the passes run through one KV cache: a prefill to ``<bot>``, one single-column pass per thought,
-then the rest of the sequence; gradients flow through the cache into every earlier pass.
+Training aligns every question end in one column and runs the passes through one KV cache (``rim.methods.latent``).
+``method.step_supervision`` adds SIM-CoT's step-level supervision (``rim.methods.simcot``): thought group j (c
+thoughts) is decoded into step j by an auxiliary decoder that only training uses.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rim.core.batch import collate
-from rim.core.layout import PAD, QUESTION, Layout, Readout, build_layout
-from rim.infer.generate import cache_argument, greedy_generate
+from rim.core.layout import Readout, build_layout
+from rim.infer.generate import greedy_generate
 from rim.methods.base import Method, register, split_cot, tokenize_example
-from rim.models.adapter import check_kept, logits_at
+from rim.methods.latent import LatentLayout, aligned_collate, latent_passes, supervised_loss
+from rim.methods.simcot import StepSupervision, collate_steps, step_targets
 
 BOT, THOUGHT, EOT = "<bot>", "<thought>", "<eot>"
-
-
-def left_shift(layout: Layout, n: int, pad_id: int) -> Layout:
-    """The layout with ``n`` padding positions in front (segment PAD, position 0, no label)."""
-    return Layout(input_ids=[pad_id] * n + layout.input_ids, segment=[PAD] * n + layout.segment,
-                  index=[0] * n + layout.index, position_ids=[0] * n + layout.position_ids,
-                  labels=[-100] * n + layout.labels, label_readout=[-1] * n + layout.label_readout,
-                  readouts=layout.readouts)
 
 
 def latent_forward(model, batch: dict[str, torch.Tensor], use_cache: bool = True, keep: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Logits (B, L, V) with the thoughts' input embeddings replaced by the previous position's last hidden state;
-    (N, V) at the flat positions ``keep`` only (``logits_at``).
-
-    ``batch``: ``input_ids``, ``attention_mask`` (B, L; 0 at padding), ``position_ids``, ``latent_start`` (the
-    column of the first thought, the same for every row) and ``n_latent``. ``use_cache=False`` recomputes the
-    whole prefix for every thought: the slow reference the tests compare the cached passes against. With the cache,
-    ``keep`` must lie in the last pass, from ``<eot>`` on, which holds every label of a Coconut layout.
-    """
-    inner = getattr(model, "module", model)  # the HF model behind a DistributedDataParallel wrapper
-    embeds = inner.get_input_embeddings()(batch["input_ids"])
-    mask, positions = batch["attention_mask"], batch["position_ids"]
-    start, n, length = int(batch["latent_start"]), int(batch["n_latent"]), embeds.shape[1]
-
-    def final_pass(inputs: torch.Tensor, lo: int, **kwargs) -> torch.Tensor:
-        """Logits of the pass over columns lo..L, at ``keep`` re-indexed into its (B, L - lo) positions."""
-        local = None if keep is None else keep // length * (length - lo) + keep % length - lo
-        with logits_at(model, local):
-            out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, lo:], **kwargs)
-        return check_kept(out.logits, local)
-
-    if n == 0:
-        return final_pass(embeds, 0, use_cache=False)
-    if not use_cache:
-        for j in range(n):
-            col = start + j
-            out = model(inputs_embeds=embeds[:, :col], attention_mask=mask[:, :col],
-                        position_ids=positions[:, :col], use_cache=False, output_hidden_states=True)
-            embeds = torch.cat([embeds[:, :col], out.hidden_states[-1][:, -1:], embeds[:, col + 1:]], dim=1)
-        return final_pass(embeds, 0, use_cache=False)
-    cache_arg, past, logits, hidden = cache_argument(inner), None, [], None
-    pieces = [(0, start)] + [(start + j, start + j + 1) for j in range(n)]
-    for lo, hi in pieces:  # the prefill to <bot>, then one pass per thought
-        inputs = embeds[:, lo:hi] if hidden is None else hidden
-        with logits_at(model, None if keep is None else keep[:0]):  # no logits needed before <eot>
-            out = model(inputs_embeds=inputs, attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
-                        use_cache=True, output_hidden_states=True, **{cache_arg: past})
-        past = out[cache_arg]
-        logits.append(out.logits)
-        hidden = out.hidden_states[-1][:, -1:]
-    last = final_pass(embeds[:, start + n:], start + n, use_cache=True, **{cache_arg: past})
-    return last if keep is not None else torch.cat(logits + [last], dim=1)
+    (N, V) at the flat positions ``keep`` only (``rim.methods.latent.latent_passes``)."""
+    return latent_passes(model, batch, use_cache, keep).logits
 
 
 @register
@@ -91,11 +45,16 @@ class Coconut(Method):
     special_tokens = (BOT, THOUGHT, EOT)
     stage_kinds = ("latent",)
 
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.steps = StepSupervision(cfg, self.eos_id) if cfg.step_supervision else None
+
     def tokenize(self, task, tokenizer, ex, prompt_format="plain"):
         out = tokenize_example(task, tokenizer, ex, prompt_format)
         for k in range(self.cfg.max_latent_steps + 2):  # the language part left at each curriculum stage
             reasoning, tail = split_cot(task, tokenizer, ex, ex.steps[k:] if k <= self.cfg.max_latent_steps else ())
             out.extra[f"rest{k}"] = reasoning + tail
+        out.extra["tail"] = split_cot(task, tokenizer, ex, ())[1]
         return out
 
     def n_latent(self, latent_steps: int) -> int:
@@ -105,7 +64,13 @@ class Coconut(Method):
     def train_layout(self, ex, stage, epoch=0.0, rng=None):
         k = min(stage.latent_steps or 0, self.cfg.max_latent_steps + 1)  # every stage past the maximum is alike
         block = [self.token[BOT]] + [self.token[THOUGHT]] * self.n_latent(k) + [self.token[EOT]]
-        return build_layout(ex.question, [block], [Readout(ex.extra[f"rest{k}"])], self.eos_id)
+        layout = build_layout(ex.question, [block], [Readout(ex.extra[f"rest{k}"])], self.eos_id)
+        targets = []
+        if self.steps is not None:  # SIM-CoT: group j (c thoughts) stands for step j; past the maximum, the last
+            # group stands for every step left
+            replaced = ex.steps[:k] if k <= self.cfg.max_latent_steps else ex.steps
+            targets = step_targets(replaced, ex.extra["tail"], min(k, self.cfg.max_latent_steps))
+        return LatentLayout(**vars(layout), step_targets=targets)
 
     def plain_decoding(self):
         return "Coconut feeds hidden states back as input embeddings, which a stock engine does not do"
@@ -114,21 +79,29 @@ class Coconut(Method):
         return ex.question + [self.token[BOT]]
 
     def collate(self, layouts, pad_id, multiple=1):
-        """Right-padded batch whose question ends share one column (see the module docstring)."""
-        n_question = [x.segment.count(QUESTION) for x in layouts]
-        width = max(n_question)
-        batch = collate([left_shift(x, width - q, pad_id) for x, q in zip(layouts, n_question)], pad_id,
-                        multiple)
-        batch["attention_mask"] = (batch["segment"] != PAD).long()
-        n_latent = {x.input_ids.count(self.token[THOUGHT]) for x in layouts}
-        if len(n_latent) != 1:
-            raise ValueError(f"one batch must have one number of thoughts, got {sorted(n_latent)}")
-        batch["latent_start"] = torch.tensor(width + 1)  # after <bot>
-        batch["n_latent"] = torch.tensor(n_latent.pop())
+        """Right-padded batch whose question ends share one column (``rim.methods.latent``); with step supervision,
+        ``step_targets`` (B, G, T)."""
+        batch = aligned_collate(layouts, pad_id, self.token[THOUGHT], multiple)
+        if self.steps is not None:
+            batch["step_targets"] = collate_steps([x.step_targets for x in layouts])
         return batch
 
     def forward(self, model, batch, keep=None):
         return latent_forward(model, batch, keep=keep)
+
+    def prepare_training(self, model, processes=1):
+        if self.steps is not None:
+            self.steps.prepare(model, processes)
+
+    def training_parameters(self):
+        return [] if self.steps is None else self.steps.parameters()
+
+    def loss(self, model, batch, weights, supervised_logits=True):
+        """Without step supervision, the standard loss; with it, that plus the weighted step-decoding loss."""
+        if self.steps is None:
+            return None
+        answer, out = supervised_loss(model, batch, weights, supervised_logits)
+        return answer + self.cfg.step_supervision_weight * self.steps.loss(model, out.thoughts, batch["step_targets"])
 
     def inference_thoughts(self) -> int:
         """Thoughts fed at inference: ``method.inference_latent_steps``' worth if set, else those of the run's last

@@ -14,6 +14,7 @@ No model family is special-cased: only ``get_input_embeddings``, ``get_output_em
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,11 +142,13 @@ def check_custom_mask_support(model: nn.Module) -> None:
 
 def make_trainable(model: nn.Module, new_token_ids: list[int], mode: str = "lora", lora_rank: int = 128,
                    lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                   target_modules: str | list[str] = "all-linear") -> nn.Module:
+                   target_modules: str | list[str] = "all-linear", full_modules: list[str] | None = None) -> nn.Module:
     """Choose what trains: ``lora`` = LoRA adapters + only the new embedding rows (peft), ``full`` = every weight.
 
     In ``lora`` mode the model is wrapped by peft; its ``trainable_token_indices`` trains just the memory-token
     rows of the input embedding, and both are saved with ``save_pretrained`` and load back with peft.
+    ``full_modules``: a method's own modules (``Method.extend_model``), trained in full and saved with the adapter
+    (peft's ``modules_to_save``), without LoRA on their layers.
     """
     if mode == "full":
         model.requires_grad_(True)
@@ -154,9 +157,13 @@ def make_trainable(model: nn.Module, new_token_ids: list[int], mode: str = "lora
         raise ValueError(f"unknown training mode {mode!r}; choose 'lora' or 'full'")
     from peft import LoraConfig, get_peft_model
 
+    own = {}
+    if full_modules:
+        own = {"modules_to_save": list(full_modules),
+               "exclude_modules": rf".*\b({'|'.join(re.escape(m) for m in full_modules)})(\..*)?$"}
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, lora_dropout=lora_dropout,
                         target_modules=target_modules, trainable_token_indices=list(new_token_ids) or None,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", **own)
     return get_peft_model(model, config)
 
 

@@ -130,13 +130,15 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def fresh_optimizer(model, stage: StageConfig, accelerator, old=None) -> torch.optim.Optimizer:
-    """A new AdamW over the trainable parameters; the old one's state (2x the trainable weights) is freed."""
+def fresh_optimizer(model, stage: StageConfig, accelerator, old=None, extra: list | None = None
+                    ) -> torch.optim.Optimizer:
+    """A new AdamW over the trainable parameters (and ``extra``, a method's own outside the model:
+    ``Method.training_parameters``); the old one's state (2x the trainable weights) is freed."""
     if old is not None:
         old.optimizer.state.clear()
         if old in accelerator._optimizers:  # accelerate keeps every prepared optimizer alive otherwise
             accelerator._optimizers.remove(old)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra or [])
     optimizer = adamw(params, stage.lr, stage.weight_decay, sharded=is_sharded(model))
     optimizer.param_groups[0]["initial_lr"] = stage.lr  # what the scheduler adds; a saved state holds it too
     return accelerator.prepare(optimizer)
@@ -171,6 +173,9 @@ def step_loss(method: Method, model, batch: dict[str, torch.Tensor], weights: to
     so (N, V) instead of (B, L, V); with ``supervised_logits`` off, at every position (the simple reference path,
     equal within floating-point tolerance). ``fused_loss``: at the supervised positions, fused with the LM head
     (``masked_loss``: no logits tensor at all), for methods that run the standard ``Method.forward``."""
+    own = method.loss(model, batch, weights, supervised_logits)  # CODI's distillation, SIM-CoT's step decoding
+    if own is not None:
+        return own
     if not supervised_logits:
         return weighted_readout_loss(method.forward(model, batch), batch["labels"], weights)
     keep = batch["supervised"]
@@ -345,7 +350,7 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
     steps_per_epoch = math.ceil(len(loader) / accumulate)
     sharded, graphs = is_sharded(model), cfg.train.compile in CUDA_GRAPH_MODES
     if optimizer is None or stage.reset_optimizer or resumed is not None:
-        optimizer = fresh_optimizer(model, stage, accelerator, optimizer)
+        optimizer = fresh_optimizer(model, stage, accelerator, optimizer, method.training_parameters())
         if resumed is not None and resumed["optimizer"] is not None and (pos.stage_step or not stage.reset_optimizer):
             saved = with_implementation_of(optimizer, resumed["optimizer"])
             if sharded:  # the moments; the learning rate is set below
@@ -401,7 +406,9 @@ def run_stage(cfg: Config, stage: StageConfig, model, method: Method, data: list
                 group = min(accumulate, len(loader) - i // accumulate * accumulate)
                 accelerator.backward(loss * (accumulate / group) if group < accumulate else loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    extra = method.training_parameters()  # SIM-CoT's separate decoder (never with FSDP)
+                    accelerator.clip_grad_norm_([*model.parameters(), *extra] if extra else model.parameters(),
+                                                cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=not stable_grads)
             bad |= ~torch.isfinite(loss.detach())
@@ -739,15 +746,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     model, tokenizer, new_tokens = build_model(cfg.model, task, cfg.train.seed,
                                                method_class(cfg.method.name).special_tokens)
+    method = make_method(cfg.method, tokenizer)
+    own_modules = method.extend_model(model)  # a method's own modules (CODI's projection), before LoRA wraps it
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = make_trainable(model, new_tokens, cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha,
-                           cfg.model.lora_dropout)
+                           cfg.model.lora_dropout, full_modules=own_modules)
     if start_from is not None:
         load_weights(model, start_from)
     if cfg.train.compile:
         compile_model(model, cfg.train.compile, cfg.train.compile_scope)
-    method = make_method(cfg.method, tokenizer)
     method.at_stage(cfg.stages[-1])  # selection scores the run's final form (Coconut: its last stage's thoughts)
     data = prepare_data(cfg, task, tokenizer, method)
     selection = selection_problems(cfg, task)
@@ -783,6 +791,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
         model = shard_model(model, accelerator.device, accelerator.mixed_precision)
     else:
         model = accelerator.prepare(model)
+    method.prepare_training(accelerator.unwrap_model(model), accelerator.num_processes)  # SIM-CoT's decoder
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="setup", config=to_dict(cfg), trainable_parameters=n_trainable, train_examples=len(data),
               device=str(accelerator.device), precision=accelerator.mixed_precision,
