@@ -57,7 +57,8 @@ def test_spec_merges_methods_over_base(tmp_path):
 def test_packaged_demo_spec_is_the_demo_configs():
     spec = load_spec(demo_spec_path())
     configs = method_configs(spec)
-    assert list(configs) == ["nocot", "cot", "pause", "icot", "coconut", "rim"] and spec.seeds == [0]
+    assert list(configs) == ["nocot", "cot", "pause", "icot", "coconut", "codi", "codi-simcot", "coconut-simcot",
+                             "rim"] and spec.seeds == [0]
     for label, cfgs in configs.items():
         demo = to_dict(load_config(ROOT / f"src/rim/configs/demo-{label}.yaml"))
         assert {**to_dict(cfgs[0]), "output_dir": demo["output_dir"]} == demo

@@ -37,7 +37,8 @@ def test_shipped_configs_exist():
     assert {f"configs/paper/gsm8k-aug_{m}_{x}.yaml" for m in ("gpt2", "llama-3.2-1b", "llama-3.2-3b")
             for x in ("rim", "cot", "nocot")} <= names
     assert {f"configs/paper/gsm8k-aug_gpt2_{x}.yaml" for x in ("pause", "coconut", "icot")} <= names
-    assert {f"src/rim/configs/demo-{x}.yaml" for x in ("nocot", "cot", "rim", "pause", "coconut", "icot")} <= names
+    assert {f"src/rim/configs/demo-{x}.yaml" for x in ("nocot", "cot", "rim", "pause", "coconut", "icot", "codi",
+                                                         "codi-simcot", "coconut-simcot")} <= names
     assert {f"configs/smollm2/{t}_rim.yaml" for t in ("gsm8k", "prosqa", "prontoqa", "mult4x4", "mult5x5")} <= names
     assert {f"configs/smollm2/{x}.yaml" for x in ("gsm8k_pause", "prosqa_coconut", "prosqa_icot", "mult5x5_icot")
             } <= names

@@ -52,9 +52,9 @@ def test_static_cache_decodes_like_dynamic_and_uncached_with_padding_and_early_s
                       for p in prompts]
 
 
-@pytest.mark.parametrize("name", ["rim", "nocot", "coconut"])
+@pytest.mark.parametrize("name", ["rim", "nocot", "coconut", "codi"])
 def test_methods_decode_alike_with_a_static_cache_and_compiled_steps(name):
-    model, tok, method = setup(name, memory_tokens=1, max_latent_steps=2, thoughts_per_step=2)
+    model, tok, method = setup(name, memory_tokens=1, max_latent_steps=2, thoughts_per_step=2, latents=2)
     spread(model)
     exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
     prompts = [method.prompt(ex, 3) for ex in exs]

@@ -33,7 +33,11 @@ def setup(name: str, family: str = "llama", attn: str = "sdpa", **cfg):
     tok = word_tokenizer(WORDS)
     model = tiny_model(len(tok), family, layers=2, hidden=32, heads=4, attn_implementation=attn, seed=0)
     add_tokens(tok, model, METHODS[name].special_tokens)
-    return model.eval(), tok, make_method(MethodConfig(name=name, **cfg), tok)
+    method = make_method(MethodConfig(name=name, **cfg), tok)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        method.extend_model(model)  # a method's own modules (CODI's projection)
+    return model.eval(), tok, method
 
 
 def words(tok, ids):
@@ -41,7 +45,7 @@ def words(tok, ids):
 
 
 def test_every_method_is_registered():
-    assert {"nocot", "cot", "rim", "pause", "coconut", "icot"} <= set(METHODS)
+    assert {"nocot", "cot", "rim", "pause", "coconut", "codi", "icot"} <= set(METHODS)
 
 
 def test_pause_layout_is_causal_with_n_pauses_and_answer_only_loss():
@@ -151,9 +155,9 @@ def test_coconut_gradients_flow_through_every_thought():
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["coconut", "pause", "icot"])
+@pytest.mark.parametrize("name", ["coconut", "codi", "pause", "icot"])
 def test_generation_cached_equals_uncached_and_batch_equals_singles(name):
-    model, tok, method = setup(name, max_latent_steps=2, thoughts_per_step=2)
+    model, tok, method = setup(name, max_latent_steps=2, thoughts_per_step=2, latents=3)
     exs = [method.tokenize(TASK, tok, Example(q, ("0",), "0")) for q in ("3 7 2 9", "5", "1 2 3 4 5 6 7")]
     prompts = [method.prompt(ex, 4) for ex in exs]
     pad = tok.pad_token_id
@@ -254,7 +258,7 @@ def test_stage_kinds_are_checked_per_method():
     with pytest.raises(ConfigError, match="one of latent for coconut"):
         load_config(None, ["method.name=coconut", "stages=[{name: a, kind: sft, steps: 1}]"])
     with pytest.raises(ConfigError, match="method.name"):
-        load_config(None, ["method.name=codi"])
+        load_config(None, ["method.name=colar"])
 
 
 def spread(model, std: float = 0.3):
@@ -353,6 +357,7 @@ def test_only_prompt_plus_plain_decoding_counts_as_plain():
     assert all(setup(name)[2].plain_decoding() is None for name in ("nocot", "cot", "pause", "icot", "rim"))
     assert "readout_sees_question" in setup("rim", readout_sees_question=False)[2].plain_decoding()
     assert "hidden states" in setup("coconut")[2].plain_decoding()
+    assert "hidden states" in setup("codi")[2].plain_decoding()
 
 
 @pytest.mark.parametrize("sees_question", [True, False])
