@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -46,8 +48,10 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     ensure_pad_token(tokenizer)
     method = make_method(cfg.method, tokenizer)
     if cfg.model.train_mode == "full":
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=remote,
-                                                     attn_implementation=cfg.model.attn_implementation)
+        own = type(method).extend_model is not Method.extend_model  # its modules' weights load below, not as unknown
+        with quiet_load_report() if own else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=remote,
+                                                         attn_implementation=cfg.model.attn_implementation)
         load_own_modules(model, method.extend_model(model), ckpt)
     else:
         from peft import PeftModel
@@ -67,6 +71,19 @@ def load_run(run_dir: str | Path, device: str = "auto", checkpoint: str = "check
     if isinstance(reasoning, int) and not isinstance(reasoning, bool):
         method.reasoning = reasoning
     return cfg, model.to(pick_device(device)).eval(), tokenizer, method, task
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Within the block, transformers does not warn about weights the model lacks (a method's own modules, which
+    ``load_own_modules`` loads)."""
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
 
 
 def load_own_modules(model: torch.nn.Module, names: list[str], ckpt: Path) -> None:
