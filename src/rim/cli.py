@@ -6,7 +6,8 @@
     rim compare SPEC                           # several methods on one model, data and budget; one table
     rim campaign SPEC --out DIR [--smoke]      # every job as concurrent processes, calibrated, before a deadline
     rim answer RUN "question" [--blocks K]     # answers as JSON lines
-    rim export RUN OUT                         # a standard Hugging Face checkpoint with a model card
+    rim export RUN OUT [--gguf f32]            # a standard Hugging Face checkpoint with a model card (and a GGUF)
+    rim lm-eval OUT --tasks rim_gsm8k          # lm-evaluation-harness on an exported model, rim's tasks and scoring
     rim plot RUN / rim analyze RUN             # loss, accuracy vs K, per-block accuracy / PCA and probes
     rim show-layout CONFIG [key=value ...]     # one decoded training example per stage
     rim bench all --shape tiny                 # speed: latency and training against the baselines"""
@@ -171,6 +172,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rim.serve import export_run
 
     print(f"exported: {export_run(args.run, args.out, args.checkpoint, args.blocks, args.max_new_tokens)}")
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    if args.tasks_dir:
+        from rim.integrations.lmeval import tasks_dir
+
+        print(tasks_dir())
+        return
+    if args.export is None:
+        from rim.config import ConfigError
+
+        raise ConfigError("rim lm-eval: give the exported folder (rim export RUN OUT), e.g. rim lm-eval OUT --tasks "
+                          "rim_demo")
+    from rim.integrations.lmeval import run
+
+    run(args.export, args.lm_eval_args)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -369,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive, default=None,
                    help="max_new_tokens of generation_config.json (default: as for rim answer)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("lm-eval", help="score an exported model with lm-evaluation-harness on rim's tasks",
+                       description="lm-eval's `run` command with rim's model plugin and task YAMLs: rim lm-eval OUT "
+                                   "--tasks rim_gsm8k [--limit N --batch_size B --output_path DIR ...]")
+    p.add_argument("export", nargs="?", help="folder written by `rim export`")
+    p.add_argument("--tasks-dir", action="store_true", help="print the folder of rim's task YAMLs and stop")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of `lm-eval run`, e.g. --tasks rim_demo")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("show-layout", help="print one decoded training example of a config, per stage")
     p.add_argument("config", help="YAML config file")

@@ -178,6 +178,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
         meta = {"method": served.method.name, "prompt_format": cfg.data.prompt_format, "prompt_suffix": text,
                 "prompt_suffix_ids": suffix, "blocks": served.blocks if served.method.any_block else None,
                 "memory_tokens": cfg.method.memory_tokens if served.method.any_block else None,
+                # room for text reasoning in the answer budget (0 unless CoT-style): a harness scoring another
+                # task allows that task's budget plus this, as `rim eval --task` does (rim.integrations.lmeval)
+                "reasoning_tokens": training_reasoning(cfg, served.task, served.method, tok),
                 "base_model": cfg.model.name, "task": cfg.data.task, "run": str(run_dir), "checkpoint": checkpoint}
         (tmp / "rim.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(served, meta, Path(run_dir)), encoding="utf-8")
