@@ -172,6 +172,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rim.serve import export_run
 
     print(f"exported: {export_run(args.run, args.out, args.checkpoint, args.blocks, args.max_new_tokens)}")
+    if args.gguf:
+        from rim.integrations.llamacpp import convert
+
+        print(f"GGUF: {convert(args.out, args.gguf)}")
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> None:
@@ -385,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K in the model card and rim.json (default: trained K)")
     p.add_argument("--max-new-tokens", type=positive, default=None,
                    help="max_new_tokens of generation_config.json (default: as for rim answer)")
+    p.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="also write OUT/model-TYPE.gguf for llama.cpp with its own converter (needs the llamacpp "
+                        "extra, or RIM_LLAMA_CPP_DIR)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("lm-eval", help="score an exported model with lm-evaluation-harness on rim's tasks",
