@@ -36,8 +36,15 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
         fastest = max(ratios[f"train_stage{i}_{name}_over_plain"] for name in ("full", "fused"))
         assert ratios[f"train_stage{i}_fastest_over_plain"] == max(fastest, ratios[f"train_stage{i}_rim_over_plain"])
     assert {t["ratio"] for t in results["targets"]} == {"ttft_rim_over_nocot_b1", "ttft_cot_over_rim_b1",
-                                                        "ttft_coconut_over_rim_b1", "masked_over_separate",
-                                                        "masked_over_separate_train"}
+                                                        "ttft_coconut_over_rim_b1", "masked_over_separate_of_bound",
+                                                        "masked_over_separate_train_of_bound"}
+    assert ratios["masked_over_separate_train_of_bound"] == pytest.approx(
+        ratios["masked_over_separate_train"] / ratios["masked_over_separate_tokens"])
+    peak = results["matmul"]["flops"]  # MFU against the rate measured in the same run, for every timed row
+    for stage in ("grounding", "refinement"):
+        for name in ("plain", "rim_supervised"):
+            row = results["train"][stage][name]
+            assert row["mfu_measured"] == pytest.approx(6 * results["train"]["parameters"] * row["tokens_per_s"] / peak)
     markdown = (tmp_path / "bench-tiny-all.md").read_text()
     assert "| ttft_cot_over_rim_b1 |" in markdown and markdown in capsys.readouterr().out
     assert "All K readouts, with the backward: one masked pass" in markdown

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from rim.bench_cost import (CostSettings, bench_epoch, bench_sweep, epoch_markdown, matmul_rate, mfu_measured,
+                            rate_text, sweep_markdown)
 from rim.config import MethodConfig, StageConfig
 from rim.core.batch import collate
 from rim.core.layout import PAD, Readout, build_layout
@@ -78,17 +80,21 @@ STATIC_METHODS = ("nocot", "rim")  # timed with a static KV cache too, when aske
 # dense bf16 peak FLOP/s by device name (first match), for model FLOP utilisation
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
-# (ratio, comparison, bound, shape it applies to or None for every shape); they are GPU targets
+# (ratio, comparison, bound, shape it applies to or None for every shape); they are GPU targets. Training (issue 17)
+# is held to the card itself: MFU against the matmul rate measured in the same run, and the masked pass to 90% of
+# the bound its token ratio sets; the older 1.5x (Llama) and 7x (masked pass) targets are retired.
 TARGETS = (
     ("ttft_rim_over_nocot_b1", "<=", 1.05, None),
     ("ttft_cot_over_rim_b1", ">=", 27.0, None),
     ("ttft_coconut_over_rim_b1", ">=", 6.0, None),
-    ("train_stage1_fastest_over_plain", ">=", 1.5, "llama-3.2-1b"),
-    ("train_stage2_fastest_over_plain", ">=", 1.5, "llama-3.2-1b"),
+    ("train_stage1_rim_mfu_measured", ">=", 0.55, "llama-3.2-1b"),
+    ("train_stage2_rim_mfu_measured", ">=", 0.55, "llama-3.2-1b"),
     ("train_stage1_fastest_over_plain", ">=", 3.0, "smollm2-135m"),
     ("train_stage2_fastest_over_plain", ">=", 3.0, "smollm2-135m"),
-    ("masked_over_separate", ">=", 7.0, None),
-    ("masked_over_separate_train", ">=", 7.0, None),
+    ("masked_over_separate_of_bound", ">=", 0.9, None),
+    ("masked_over_separate_train_of_bound", ">=", 0.9, None),
+    ("epoch_rim_over_cot", "<=", 1.5, None),
+    ("epoch_coconut_over_rim", ">=", 3.0, None),
 )
 
 
@@ -497,6 +503,16 @@ def ratios(results: dict) -> dict[str, float]:
     passes = train.get("masked_vs_separate_train")
     if passes:
         out["masked_over_separate_train"] = passes["separate_ms"] / passes["one_masked_ms"]
+    if "masked_over_separate_tokens" in out:  # the share of the token-ratio bound each pass reaches
+        for key in ("masked_over_separate", "masked_over_separate_train"):
+            if key in out:
+                out[f"{key}_of_bound"] = out[key] / out["masked_over_separate_tokens"]
+    for i, stage in enumerate(("grounding", "refinement"), start=1):  # RiM's best MFU against the measured rate
+        mfus = [row["mfu_measured"] for name, row in train.get(stage, {}).items()
+                if name.startswith("rim_") and isinstance(row, dict) and "mfu_measured" in row]
+        if mfus:
+            out[f"train_stage{i}_rim_mfu_measured"] = max(mfus)
+    out.update((results.get("epoch") or {}).get("ratios", {}))
     return out
 
 
@@ -542,11 +558,15 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+SUITES = ("latency", "train", "all", "epoch", "sweep")
+
+
 def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out_dir: str | Path = "runs/bench",
-              settings: BenchSettings | None = None) -> dict:
-    """Run ``suite`` (latency, train or all) on ``shape``; write JSON and Markdown into ``out_dir``; return it."""
-    if suite not in ("latency", "train", "all"):
-        raise ValueError(f"unknown bench suite {suite!r}; choose latency, train or all")
+              settings: BenchSettings | None = None, cost: CostSettings | None = None) -> dict:
+    """Run ``suite`` (latency, train, all, or epoch and sweep of ``rim.bench_cost``) on ``shape``; write JSON and
+    Markdown into ``out_dir``; return it."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown bench suite {suite!r}; choose from {', '.join(SUITES)}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     s = settings or BenchSettings()
@@ -555,7 +575,7 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
     infer_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     mode = s.train_mode if s.train_mode != "auto" else ("full" if shape.startswith("tiny") else "lora")
     start = time.perf_counter()
-    model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
+    cost = cost or CostSettings()
     results: dict = {"suite": suite, "shape": shape, "shape_config": asdict(SHAPES[shape]), "settings": asdict(s),
                      "environment": environment(dev, infer_dtype)}
     out, stem = Path(out_dir), f"bench-{shape}-{suite}"
@@ -567,6 +587,19 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
         (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         (out / f"{stem}.md").write_text(markdown(results), encoding="utf-8")
 
+    if suite != "latency":  # the dense rate MFU is measured against, on this card in this run
+        results["matmul"] = matmul_rate(dev)
+    if suite == "epoch":
+        results["epoch"] = {}
+        bench_epoch(shape, dev, cost, mode, results["epoch"], save)
+        return results
+    model, tokenizer = build_model(SHAPES[shape], dev, s.seed)
+    if suite == "sweep":
+        new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
+        results["sweep"] = {}
+        bench_sweep(model, tokenizer, new_ids, s, cost, dev, mode, results["matmul"]["flops"], results["sweep"],
+                    save)
+        return results
     if suite in ("latency", "all"):
         results["latency"] = bench_latency(model.to(infer_dtype), tokenizer, s, dev)
         results["readouts"] = bench_readouts(model, tokenizer, s, dev)
@@ -576,6 +609,11 @@ def run_bench(suite: str = "all", shape: str = "tiny", device: str = "auto", out
         new_ids = tokenizer.convert_tokens_to_ids(list(bench_tokens()))
         results["train"] = {}
         bench_train(model, tokenizer, new_ids, s, dev, mode, results["train"], save)
+        for rows in results["train"].values():  # MFU against the rate measured above, not a table of peaks
+            for row in (rows.values() if isinstance(rows, dict) else ()):
+                if isinstance(row, dict):
+                    mfu_measured(row, results["train"]["parameters"], results["matmul"]["flops"], mode == "lora")
+        save()
     return results
 
 
@@ -643,6 +681,14 @@ def markdown(results: dict) -> str:
                               f"{_fmt(p['one_masked_ms'])} ms; K separate passes ({p['separate_tokens']} tokens) "
                               f"{_fmt(p['separate_ms'])} ms."]
         lines.append("")
+    if results.get("epoch"):
+        lines += epoch_markdown(results["epoch"])
+    if results.get("sweep"):
+        lines += sweep_markdown(results["sweep"], results["matmul"])
+    if results.get("matmul"):
+        m = results["matmul"]
+        lines += [f"Matmul rate on this device: {rate_text(m['flops'])} ({m['n']}³, {m['dtype']}); MFU "
+                  "(measured) = 6 N tokens/s over it.", ""]
     lines += ["| ratio | value |", "|---|---|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in results["ratios"].items()]
     if results["targets"]:

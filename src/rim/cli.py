@@ -129,6 +129,7 @@ def cmd_campaign(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from rim.bench import BenchSettings, markdown, run_bench
+    from rim.bench_cost import CostSettings, default_recipes
 
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
@@ -136,7 +137,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              compile=compile_setting(args), compile_train=compile_train_modes(args.compile_train),
                              compile_scopes=compile_scopes(args.compile_scope, args.compile_train),
                              profile=args.profile)
-    results = run_bench(args.suite, args.shape, args.device, args.out, settings)
+    cost = CostSettings(recipes=tuple(args.recipes) if args.recipes else
+                        (default_recipes() if args.suite == "epoch" else ()),
+                        task=args.epoch_task, split=args.epoch_split, tokenizer=args.tokenizer,
+                        batch=args.train_batch, samples=args.repeats, warmup=args.warmup,
+                        max_examples=args.epoch_examples, sweep_batches=tuple(args.sweep_batches),
+                        sweep_repeats=args.repeats)
+    results = run_bench(args.suite, args.shape, args.device, args.out, settings, cost)
     print(markdown(results), end="")
     print(f"written: {args.out}/bench-{args.shape}-{args.suite}.json and .md")
     failed = [f"{stage}/{name}" for stage, rows in (results.get("train") or {}).items() if isinstance(rows, dict)
@@ -334,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("bench", help="speed against the baselines: latency of every method, RiM's training step")
-    p.add_argument("suite", choices=["latency", "train", "all"])
+    p.add_argument("suite", choices=["latency", "train", "all", "epoch", "sweep"],
+                   help="latency, train or all; epoch: seconds per epoch of real layouts for each method's recipe; "
+                        "sweep: plain and RiM training steps at growing batch sizes (tokens/s, MFU, memory)")
     p.add_argument("--shape", default="tiny", choices=["tiny", "tiny-deep", "gpt2", "smollm2-135m", "llama-3.2-1b"],
                    help="model shape, random weights (default: tiny, the demo's model; tiny-deep: its width at "
                         "SmolLM2's 30 layers)")
@@ -363,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile-train: what is compiled, comma-separated: blocks (each transformer block, "
                         "as train.compile_scope's default) and/or decoder (the whole stack at once: rows "
                         "rim_compiled_decoder[_<mode>])")
+    p.add_argument("--recipes", type=lambda v: v.split(","), default=None, metavar="CONFIGS",
+                   help="epoch: comma-separated configs whose method and stages are timed (default: the paper's "
+                        "GPT-2 recipes, configs/paper/gsm8k-aug_gpt2_<method>.yaml)")
+    p.add_argument("--epoch-task", default="gsm8k", help="epoch: the task whose training split is laid out")
+    p.add_argument("--epoch-split", default="train_no_valid", help="epoch: its split (an epoch is all of it)")
+    p.add_argument("--epoch-examples", type=positive, default=None,
+                   help="epoch: lay out only the split's first N problems (batches are sampled from them)")
+    p.add_argument("--tokenizer", default=None,
+                   help="epoch: a saved Hugging Face tokenizer folder (default: the tiny word tokenizer of the task)")
+    p.add_argument("--sweep-batches", type=positive_list, default=[32, 64, 128, 256, 512],
+                   help="sweep: training batch sizes (default: 32,64,128,256,512)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("answer", help="answer questions with a trained run; one JSON line per question")
