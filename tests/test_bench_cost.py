@@ -26,6 +26,7 @@ RECIPES = {
                "  - {name: s0, kind: latent, latent_steps: 0, epochs: 1}\n"
                "  - {name: s4, kind: latent, latent_steps: 4, epochs: 1}\n",
     "icot": "method: {name: icot, remove_per_epoch: 8.0}\nstages: [{name: sft, kind: sft, epochs: 2}]\n",
+    "codi": "method: {name: codi, latents: 2, step_supervision: true}\nstages: [{name: sft, kind: sft, epochs: 1}]\n",
 }
 
 
@@ -52,6 +53,7 @@ def test_epoch_cost_times_every_stage_of_every_recipe_on_its_own_layouts(tmp_pat
     task = make_task("running-sum", {})
     n = len(task.load("train"))
     assert out["examples"] == n and list(out["methods"]) == list(RECIPES)
+    assert all("error" not in row for row in out["methods"].values())  # CODI with its projection and SIM-CoT too
     batches = sampled_batches(12, 4, 3, 0)
     for path in s.recipes:
         cfg = load_config(path)

@@ -37,7 +37,7 @@ from rim.config import load_config
 from rim.methods.base import Method, TokenizedExample, make_method
 
 PAPER_RECIPES = tuple(f"configs/paper/gsm8k-aug_gpt2_{m}.yaml" for m in ("nocot", "cot", "pause", "icot",
-                                                                           "coconut", "rim"))
+                                                                           "coconut", "codi", "rim"))
 
 
 @dataclass
@@ -124,7 +124,9 @@ def stage_cost(method: Method, model, examples: list[TokenizedExample], stage, b
                pad_id: int, s: CostSettings, device: torch.device, optimizer, autocast,
                steps_per_epoch: int) -> dict:
     """Median step time of ``stage`` over ``batches`` (the first ``s.warmup`` untimed), and seconds per epoch."""
-    from rim.bench import reset_peak_memory, peak_memory_mb, sync, train_step
+    from accelerate.utils import send_to_device
+
+    from rim.bench import peak_memory_mb, reset_peak_memory, sync, train_step
     from rim.train.loop import stage_weights, step_loss
 
     rng = random.Random(s.seed)
@@ -134,7 +136,7 @@ def stage_cost(method: Method, model, examples: list[TokenizedExample], stage, b
     for i, idx in enumerate(batches):
         epoch = epochs * (i + 0.5) / len(batches)  # a dynamic method's layouts across its stage (iCoT's removal)
         layouts = [method.train_layout(examples[j], stage, epoch, rng) for j in idx]
-        batch = {k: v.to(device) for k, v in method.collate(layouts, pad_id).items()}
+        batch = send_to_device(method.collate(layouts, pad_id), device)  # CODI's nests teacher and student
         weights = stage_weights(batch, stage, (i + 0.5) / len(batches))
         sync(device)
         t0 = time.perf_counter()
@@ -148,13 +150,13 @@ def stage_cost(method: Method, model, examples: list[TokenizedExample], stage, b
             "epoch_s": step_s * steps_per_epoch, "epochs": epochs, "peak_memory_mb": peak_memory_mb(device)}
 
 
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of a collated batch that are not padding (Coconut's batches mark padding in ``attention_mask``)."""
+def real_tokens(batch: dict) -> int:
+    """Tokens of a collated batch that are not padding, with those of a nested batch that the same step also runs
+    (CODI's teacher pass under ``teacher``)."""
     from rim.core.layout import PAD
 
-    if "segment" in batch:
-        return int((batch["segment"] != PAD).sum())
-    return int(batch["attention_mask"].sum())
+    own = int((batch["segment"] != PAD).sum()) if "segment" in batch else int(batch["attention_mask"].sum())
+    return own + sum(real_tokens(v) for v in batch.values() if isinstance(v, dict))
 
 
 def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: str,
@@ -162,9 +164,8 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
     """Seconds per epoch of ``s.task``'s ``s.split`` for every recipe's method, stage by stage (see the module
     docstring). Fills ``out`` method by method and calls ``save`` after each: a run cut short keeps what it
     measured."""
-    from rim.bench import SHAPES, bench_tokens, build_model
+    from rim.bench import bench_tokens
     from rim.data.tasks import make_task
-    from rim.models.adapter import add_tokens, make_trainable, set_dropout
     from rim.train.loop import adamw
 
     out = {} if out is None else out
@@ -176,23 +177,17 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
     specials = tuple(dict.fromkeys((*bench_tokens(), *(t for cfg in recipes for t in
                                                          make_method_class(cfg.method.name).special_tokens))))
     tokenizer = load_tokenizer(s, task, specials)
-    model, _ = build_model(SHAPES[shape_name], device, s.seed)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new_ids = add_tokens(tokenizer, model, specials)
-    n_params = sum(p.numel() for p in model.parameters())
-    model = make_trainable(model, new_ids, mode, lora_rank=128)
-    set_dropout(model, 0.0)
-    model.train()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     batches = sampled_batches(len(problems), s.batch, s.warmup + s.samples, s.seed)
     out.update(task=s.task, split=s.split, examples=len(task.load(s.split)), batch=s.batch, train_mode=mode,
-               parameters=n_params, tokenizer=s.tokenizer or "tiny word tokenizer", methods={})
+               tokenizer=s.tokenizer or "tiny word tokenizer", methods={})
     for cfg in recipes:
         method = make_method(cfg.method, tokenizer)
+        model, params = recipe_model(shape_name, device, s.seed, tokenizer, specials, method, mode)
         examples = [method.tokenize(task, tokenizer, ex, s.prompt_format) for ex in problems]
-        params = [p for p in model.parameters() if p.requires_grad]
-        row = {"recipe": cfg.source if hasattr(cfg, "source") else None, "stages": {}}
+        row = {"stages": {}, "parameters": sum(p.numel() for p in model.parameters()),
+               "trainable_parameters": sum(p.numel() for p in params)}
         try:
             for stage in cfg.stages:
                 optimizer = adamw(params, lr=1e-6)  # a fresh optimizer per stage, as the recipes reset it
@@ -203,6 +198,7 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
         except torch.OutOfMemoryError as err:
             row["error"] = f"out of memory: {err}"[:300]
             torch.cuda.empty_cache()
+        del model, params
         stages = row["stages"].values()
         if stages and "error" not in row:
             total = sum(st["epochs"] for st in stages)
@@ -212,6 +208,25 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
         out["ratios"] = epoch_ratios(out["methods"])
         save()
     return out
+
+
+def recipe_model(shape_name: str, device: torch.device, seed: int, tokenizer, specials: tuple[str, ...],
+                 method: Method, mode: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """A fresh model of the shape for one method, made trainable as ``rim train`` makes it (the method's own
+    modules, CODI's projection, train in full; SIM-CoT's decoder joins the optimizer), and its trainable
+    parameters."""
+    from rim.bench import SHAPES, build_model
+    from rim.models.adapter import add_tokens, make_trainable, set_dropout
+
+    model, _ = build_model(SHAPES[shape_name], device, seed)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new_ids = add_tokens(tokenizer, model, specials)
+    own = method.extend_model(model)
+    model = make_trainable(model, new_ids, mode, lora_rank=128, full_modules=own).to(device)
+    set_dropout(model, 0.0)
+    model.train()
+    method.prepare_training(model)
+    return model, [p for p in model.parameters() if p.requires_grad] + list(method.training_parameters())
 
 
 def make_method_class(name: str):
