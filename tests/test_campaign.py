@@ -194,3 +194,4 @@ def test_gsm8k_campaign_smoke_end_to_end(tmp_path, monkeypatch):
     assert all("ood_svamp_accuracy" in r for r in rows if r["label"] in done)
     report = (tmp_path / "again" / "report.md").read_text()
     assert "Share of CoT's gain" in report and "gsm8k" in report
+    assert "budgets DIFFER" not in report  # RiM's two stages get no more steps than the one-stage methods

@@ -199,9 +199,12 @@ class Campaign:
         problems = {template_of(j): scored_problems(j, self.spec.selections) for j in jobs}
         time_s = (self.deadline - time.monotonic() - self.spec.pack_s
                   - self.spec.timing.seconds_per_run * len(jobs))
+        # a task's budget covers one step of each stage of its longest curriculum (Coconut's 7): below that every
+        # stage still gets a step, and the methods' budgets would differ
+        stages = {t: max(len(j.config().stages) for j in jobs if j.task == t) for t in tasks}
         plan = plan_budget(tasks, problems, mean_speeds(samples), self.spec.calibration.levels, time_s,
-                           self.spec.eval_cost_factor, self.spec.min_steps, self.spec.max_concurrent,
-                           self.spec.floor)
+                           self.spec.eval_cost_factor, max(self.spec.min_steps, *stages.values()),
+                           self.spec.max_concurrent, self.spec.floor)
         self.state["plan"] = {**asdict(plan), "time_s": round(time_s, 2), "problems": problems}
         self.phase("plan", concurrency=plan.concurrency, steps=plan.steps)
         return plan
