@@ -13,10 +13,10 @@ declare -A VARIANTS=(
 )
 for v in "${!VARIANTS[@]}"; do
   for s in 10 11 12 13; do
-    (python3 -m rim.cli train src/rim/configs/demo-rim.yaml train.device=auto train.progress=false train.seed=$s \
-        data.eval_split=valid eval.any_block=true eval.latency_examples=1 output_dir=$RUNS/$v-s$s ${VARIANTS[$v]} \
+    (python3 -m rim.cli demo --methods rim --seed $s --out $RUNS/$v-s$s train.device=auto train.progress=false \
+        data.eval_split=valid eval.any_block=true eval.latency_examples=1 ${VARIANTS[$v]} \
         > $RUNS/$v-s$s.log 2>&1 \
-     && python3 -m rim.cli eval $RUNS/$v-s$s > $RUNS/$v-s$s.json 2>>$RUNS/$v-s$s.log; echo "rc=$?" >> $RUNS/$v-s$s.log) &
+     && python3 -m rim.cli eval $RUNS/$v-s$s/rim > $RUNS/$v-s$s.json 2>>$RUNS/$v-s$s.log; echo "rc=$?" >> $RUNS/$v-s$s.log) &
   done
 done
 wait

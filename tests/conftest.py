@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,20 @@ def make_windowed(kind: str, attn: str = "sdpa", window: int = 4):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     mem = add_memory_tokens(tok, model)
     return model.eval(), tok, mem
+
+
+def shared_data_dir() -> Path:
+    """The benchmark data folder: ``RIM_DATA_DIR`` when set, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("RIM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The benchmark data folder (``shared_data_dir``); tests that need it are skipped where it is missing."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"benchmark data not found at {path} (set RIM_DATA_DIR)")
+    return path
 
 
 @pytest.fixture(params=FAMILIES)

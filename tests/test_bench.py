@@ -12,6 +12,7 @@ from rim.cli import build_parser, compile_train_modes, main
 from rim.config import ConfigError
 
 
+@pytest.mark.slow
 def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))  # smaller still: a smoke test
     assert main(["bench", "all", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
@@ -50,6 +51,7 @@ def test_bench_all_writes_json_and_markdown_with_finite_ratios(tmp_path, capsys,
     assert "All K readouts, with the backward: one masked pass" in markdown
 
 
+@pytest.mark.slow
 def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(tmp_path, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 2, 32, 4, 2, 64, 256))
     assert main(["bench", "latency", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
@@ -74,6 +76,7 @@ def test_bench_latency_times_static_cache_compiled_steps_and_one_pass_readouts(t
     assert "all K, compiled steps ms" in markdown
 
 
+@pytest.mark.slow
 def test_a_shape_name_with_dots_keeps_its_whole_file_name(tmp_path, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny-3.2-x", Shape("llama", 1, 32, 4, 2, 64, 256))
     run_bench("train", "tiny-3.2-x", "cpu", tmp_path, BenchSettings(train_batch=2, question_tokens=12, repeats=1,
@@ -90,6 +93,7 @@ def test_compile_train_takes_modes_or_backends():
         compile_train_modes("default,fast")
 
 
+@pytest.mark.slow
 def test_bench_times_both_steps_through_each_compile_scope_and_mode(tmp_path, monkeypatch):
     monkeypatch.setitem(SHAPES, "tiny", Shape("llama", 1, 32, 4, 2, 64, 256))
     assert main(["bench", "train", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1",
@@ -121,8 +125,9 @@ def test_the_shape_choices_are_the_benchmarked_shapes():
     assert set(shape.choices) == set(SHAPES)
 
 
+@pytest.mark.slow
 def test_a_compiled_row_that_fails_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch, capsys):
-    import rim.bench as bench
+    import rim.bench.train as bench
     from rim.models.adapter import decoder_stack
 
     real, hooks = bench.compile_model, []
@@ -167,9 +172,10 @@ def test_compile_scope_is_checked():
         compile_scopes("decoder", None)
 
 
+@pytest.mark.slow
 def test_a_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """Written after every training row: a part that fails (or a timeout) loses only what was not measured."""
-    import rim.bench as bench
+    import rim.bench.train as bench
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")

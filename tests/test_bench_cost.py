@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from rim.bench import SHAPES, Shape, ratios
-from rim.bench_cost import CostSettings, bench_epoch, epoch_ratios, real_tokens, sampled_batches
+from rim.bench import SHAPES, Shape
+from rim.bench.report import ratios
+from rim.bench.cost import CostSettings, bench_epoch, epoch_ratios, real_tokens, sampled_batches
 from rim.cli import main
 from rim.config import load_config
 from rim.data.tasks import make_task
@@ -67,7 +68,7 @@ def test_epoch_cost_times_every_stage_of_every_recipe_on_its_own_layouts(tmp_pat
         assert row["epoch_s"] == pytest.approx(sum(row["stages"][st.name]["epoch_s"] * w for st, w in
                                                    zip(cfg.stages, weights)) / sum(weights))
     # the tokens timed are each method's own layouts of the same sampled problems (the static methods: exactly)
-    from rim.bench_cost import load_tokenizer
+    from rim.bench.cost import load_tokenizer
 
     problems = task.load("train")[:12]
     tokenizer = load_tokenizer(s, task, ("<b>", "<m>", "</b>", "<bot>", "<thought>", "<eot>"))

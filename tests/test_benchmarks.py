@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +11,6 @@ from rim.config import ConfigError
 from rim.data.benchmarks import GSM8K, SVAMP, data_file, gsm8k_steps, parse_icot_line, parse_number
 from rim.data.tasks import DataError, make_task
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 COUNTS = {
     ("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("gsm8k", "valid"): 500, ("gsm8k", "train_no_valid"): 6973,
@@ -23,29 +20,29 @@ COUNTS = {
 
 
 @pytest.mark.parametrize("name,split", sorted(COUNTS))
-def test_every_benchmark_split_loads_with_its_published_size(name, split):
-    exs = make_task(name, {"data_dir": str(DATA)}).load(split)
+def test_every_benchmark_split_loads_with_its_published_size(data_dir, name, split):
+    exs = make_task(name, {"data_dir": str(data_dir)}).load(split)
     assert len(exs) == COUNTS[name, split]
     assert all(ex.question and ex.answer for ex in exs)
 
 
-def test_gsm8k_steps_are_the_calculator_annotations():
-    first = GSM8K(str(DATA)).load("train")[0]
+def test_gsm8k_steps_are_the_calculator_annotations(data_dir):
+    first = GSM8K(str(data_dir)).load("train")[0]
     assert first.steps == ("<<48/2=24>>", "<<48+24=72>>") and first.answer == "72"
     assert gsm8k_steps("a <<1+2=3>>3 b <<3*4=12>>12\n#### 12 <<9=9>>") == ("<<1+2=3>>", "<<3*4=12>>")
-    valid = GSM8K(str(DATA)).load("valid")[0]  # iCoT text format, same step format
+    valid = GSM8K(str(data_dir)).load("valid")[0]  # iCoT text format, same step format
     assert valid.steps == ("<<4-2=2>>", "<<2/.5=4>>", "<<12/4=3>>", "<<100*3=300>>") and valid.answer == "300"
 
 
-def test_valid_split_is_held_out_of_train_no_valid():
-    task = GSM8K(str(DATA))
+def test_valid_split_is_held_out_of_train_no_valid(data_dir):
+    task = GSM8K(str(data_dir))
     valid = {ex.question for ex in task.load("valid")}
     assert not valid & {ex.question for ex in task.load("train_no_valid")}
     assert len(valid & {ex.question for ex in task.load("train")}) == 500  # valid comes from GSM8K train
 
 
-def test_numbers_compare_as_numbers():
-    task = SVAMP(str(DATA))
+def test_numbers_compare_as_numbers(data_dir):
+    task = SVAMP(str(data_dir))
     assert task.is_correct(" 1,000", "1000") and task.is_correct("$18.00", "18") and task.is_correct("-3", "-3.0")
     assert not task.is_correct("", "3") and not task.is_correct("17", "18")
     assert not task.is_correct("1000001", "1000000") and not task.is_correct("108224700", "108224794.2")
@@ -59,23 +56,23 @@ def test_numbers_compare_as_numbers():
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "gsm-hard", "svamp", "multiarith"])
-def test_the_answer_budget_holds_every_gold_answer_a_digit_a_token(name):
-    task = make_task(name, {"data_dir": str(DATA)})
+def test_the_answer_budget_holds_every_gold_answer_a_digit_a_token(data_dir, name):
+    task = make_task(name, {"data_dir": str(data_dir)})
     assert max(len(ex.answer) for ex in task.load("test")) + 2 <= task.max_new_tokens  # + a leading space, EOS
     assert task.extract_answer(" <<2*3=6>> #### 6", cot=True) == "6"
 
 
-def test_missing_data_names_the_path(tmp_path, monkeypatch):
+def test_missing_data_names_the_path(data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("RIM_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="set data.options.data_dir or RIM_DATA_DIR"):
         data_file(None, "gsm8k/train.jsonl")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "gsm8k" / "test.jsonl")):
         GSM8K(str(tmp_path)).load("test")
-    monkeypatch.setenv("RIM_DATA_DIR", str(DATA))
+    monkeypatch.setenv("RIM_DATA_DIR", str(data_dir))
     assert len(GSM8K().load("valid")) == 500
 
 
-def test_malformed_lines_name_file_and_line(tmp_path):
+def test_malformed_lines_name_file_and_line(data_dir, tmp_path):
     (tmp_path / "gsm8k").mkdir()
     good = json.dumps({"question": "q", "answer": "x <<1+1=2>>2\n#### 2"})
     (tmp_path / "gsm8k/test.jsonl").write_text(good + "\n" + json.dumps({"question": "q", "answer": "#### two"}) + "\n")
@@ -84,19 +81,20 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match="f.txt, line 3: expected 'question"):
         parse_icot_line("no separator", "f.txt, line 3")
     with pytest.raises(ConfigError, match="'prosqa' has splits train, valid, test, not 'training'"):
-        make_task("prosqa", {"data_dir": str(DATA)}).load("training")
+        make_task("prosqa", {"data_dir": str(data_dir)}).load("training")
 
 
 @pytest.mark.parametrize("name", ["prosqa", "prontoqa"])
-def test_logic_train_split_is_generated_without_shipped_questions(name):
-    task = make_task(name, {"data_dir": str(DATA), "n_train": 50, "seed": 1})
+def test_logic_train_split_is_generated_without_shipped_questions(data_dir, name):
+    task = make_task(name, {"data_dir": str(data_dir), "n_train": 50, "seed": 1})
     train = task.load("train")
     assert 45 <= len(train) <= 50 and all(ex.steps for ex in train)
     assert not {ex.question for ex in train} & {ex.question for s in ("valid", "test") for ex in task.load(s)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rim", "cot"])
-def test_a_benchmark_task_trains_and_evaluates(tmp_path, method, monkeypatch):
+def test_a_benchmark_task_trains_and_evaluates(data_dir, tmp_path, method, monkeypatch):
     """Multiplication 4x4 (generated train, shipped valid) end to end with a tiny model: task-agnostic harness.
     The generation budget is the scored task's answer budget plus, for CoT, the longest chain of thought the run
     trained on, also out of distribution (MultiArith's problems carry no steps to size it from)."""
@@ -116,7 +114,7 @@ def test_a_benchmark_task_trains_and_evaluates(tmp_path, method, monkeypatch):
               else ["stages=[{name: sft, kind: sft, steps: 2}]"])
     cfg = load_config(None, [f"method.name={method}", "method.blocks=2", "model.tiny_layers=1", "model.tiny_hidden=16",
                              "model.tiny_heads=2", "data.task=multiplication", "data.eval_split=valid",
-                             f"data.options={{digits: 4, n_train: 32, data_dir: {DATA}}}", "data.max_eval=4",
+                             f"data.options={{digits: 4, n_train: 32, data_dir: {data_dir}}}", "data.max_eval=4",
                              "stages.0.epochs=null", "stages.1.epochs=null", "train.batch_size=8",
                              "train.progress=false", "eval.latency_examples=1", f"output_dir={tmp_path / 'run'}",
                              *stages])
@@ -129,7 +127,7 @@ def test_a_benchmark_task_trains_and_evaluates(tmp_path, method, monkeypatch):
     assert ood["task"] == "multiarith" and ood["n"] == 3
     assert (tmp_path / "run/eval-multiarith/results.json").is_file()
     tok = AutoTokenizer.from_pretrained(tmp_path / "run/checkpoint")
-    task = make_task("multiplication", {"digits": 4, "n_train": 32, "data_dir": DATA})
+    task = make_task("multiplication", {"digits": 4, "n_train": 32, "data_dir": data_dir})
     longest = max(len(text_ids(tok, task.cot_text(ex))) for ex in task.load("train"))
     assert json.loads((tmp_path / "run/checkpoint/rim.json").read_text())["reasoning"] == longest  # what eval reads
     room = longest if method == "cot" else 0

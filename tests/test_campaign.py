@@ -74,7 +74,7 @@ def test_bad_spec_keys_are_named(tmp_path):
     path.write_text("deadline: 3\ntasks: {}\n")
     with pytest.raises(ConfigError, match="unknown campaign key 'deadline'"):
         load_campaign(path)
-    (tmp_path / "r.yaml").write_text((ROOT / "src/rim/configs/demo-rim.yaml").read_text())
+    (tmp_path / "r.yaml").write_text((ROOT / "configs/cpu/mult4x4_rim.yaml").read_text())
     path.write_text("tasks: {t: {methods: {a: {config: r.yaml, overrides: [train.nope=1]}}}}\n")
     with pytest.raises(ConfigError, match="job t-a-s0.*train.nope"):
         load_campaign(path)

@@ -34,6 +34,7 @@ def write_config(tmp_path: Path, method="rim", model="tiny", mode="auto", stages
     return path
 
 
+@pytest.mark.slow
 def test_train_eval_show_layout_through_cli(tmp_path):
     cfg = write_config(tmp_path)
     done = rim("train", str(cfg), "train.seed=1")
@@ -86,6 +87,7 @@ def test_cli_errors_name_the_key(tmp_path):
         assert done.returncode == 2 and f"argument {flag}: must be >= 1, not 0" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nocot", "cot"])
 def test_baselines_train_and_eval(tmp_path, method):
     stages = "\n  - {name: sft, kind: sft, steps: 2, lr: 1e-3}"
@@ -97,6 +99,7 @@ def test_baselines_train_and_eval(tmp_path, method):
     assert metrics["any_block_accuracy"] is None and metrics["generated_tokens"] >= 1
 
 
+@pytest.mark.slow
 def test_lora_run_on_a_local_pretrained_model(tmp_path):
     """A model directory on disk (as from the hub): LoRA + memory rows train, save as a peft adapter, reload."""
     from rim.data.tasks import RunningSum
@@ -118,6 +121,7 @@ def test_lora_run_on_a_local_pretrained_model(tmp_path):
     assert not torch.allclose(memory_rows[0], memory_rows[1])  # <b> and <m> rows moved apart from their mean init
 
 
+@pytest.mark.slow
 def test_demo_writes_results_json(tmp_path):
     tiny = ["model.tiny_layers=1", "model.tiny_hidden=16", "model.tiny_heads=2", "train.progress=false",
             "data.options={digits: 3, n_train: 64, n_test: 8, n_valid: 8}", "stages.0.steps=2",
@@ -133,6 +137,7 @@ def test_demo_writes_results_json(tmp_path):
     assert "| rim |" in done.stdout
 
 
+@pytest.mark.slow
 def test_demo_without_latency_and_a_stopped_run_name_what_happened(tmp_path):
     """eval.latency_examples=0 leaves the times out ("-"); a run that stops (a non-finite loss) ends the demo
     with its exit status and the method's name, not a traceback."""

@@ -37,8 +37,6 @@ def test_shipped_configs_exist():
     assert {f"configs/paper/gsm8k-aug_{m}_{x}.yaml" for m in ("gpt2", "llama-3.2-1b", "llama-3.2-3b")
             for x in ("rim", "cot", "nocot")} <= names
     assert {f"configs/paper/gsm8k-aug_gpt2_{x}.yaml" for x in ("pause", "coconut", "icot")} <= names
-    assert {f"src/rim/configs/demo-{x}.yaml" for x in ("nocot", "cot", "rim", "pause", "coconut", "icot", "codi",
-                                                         "codi-simcot", "coconut-simcot")} <= names
     assert {f"configs/smollm2/{t}_rim.yaml" for t in ("gsm8k", "prosqa", "prontoqa", "mult4x4", "mult5x5")} <= names
     assert {f"configs/smollm2/{x}.yaml" for x in ("gsm8k_pause", "prosqa_coconut", "prosqa_icot", "mult5x5_icot")
             } <= names
@@ -93,7 +91,7 @@ def test_defaults_are_the_papers_recipe():
 
 
 def test_overrides_by_stage_name_and_index():
-    path = ROOT / "src/rim/configs/demo-rim.yaml"
+    path = ROOT / "configs/cpu/mult4x4_rim.yaml"
     cfg = load_config(path, ["stages.refinement.lr=3e-5", "stages.0.steps=7", "train.seed=3", "method.blocks=5"])
     assert cfg.stages[1].lr == 3e-5 and cfg.stages[0].steps == 7 and cfg.train.seed == 3 and cfg.method.blocks == 5
     with pytest.raises(ConfigError, match="no stage 'polish'"):
@@ -164,9 +162,14 @@ def test_jsonl_task_and_unknown_task(tmp_path):
     ("data.options.bogus=1", "unknown config key 'data.options.bogus'"),
     ("data.task=jsonl", "'data.options.files' is required for task 'jsonl'"),
 ])
-def test_task_options_are_checked_when_the_config_loads(override, message):
+def test_task_options_are_checked_against_the_task(override, message):
+    """The config is a leaf (it knows no task): the data layer checks ``data.task`` and ``data.options``, as
+    ``rim train`` and ``rim compare`` do before anything is written."""
+    from rim.data.tasks import check_task_options
+
+    cfg = load_config(None, [override])
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [override])
+        check_task_options(cfg.data.task, cfg.data.options)
 
 
 def test_held_out_splits_that_take_every_question_are_an_error_not_a_hang():
@@ -227,7 +230,7 @@ def test_task_options_of_types_yaml_does_not_give_are_left_to_the_task(tmp_path)
         task = make_task(cfg.data.task, cfg.data.options)
         assert (task.folder, task.mode) == (str(tmp_path), "hard")
         with pytest.raises(ConfigError, match="'data.options.digits': expected int"):  # YAML's types still checked
-            load_config(None, ["data.task=mine", "data.options.digits=x"])
+            make_task("mine", load_config(None, ["data.task=mine", "data.options.digits=x"]).data.options)
         assert make_task("odd", {"other": 3}).digits == 4
     finally:
         TASKS.pop("mine"), TASKS.pop("odd")

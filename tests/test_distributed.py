@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from rim.models.tiny import tiny_model, word_tokenizer
-from rim.train.state import latest_valid
+from rim.rundir import RunDir
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -160,7 +162,7 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
     os.kill(int(workers[1]), signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert "exitcode  : 143" in err  # rank 1 stopped through rim's handler, not killed
-    saved = latest_valid(tmp_path / "run")
+    saved = RunDir(tmp_path / "run").latest_valid()
     assert saved is not None and 0 < int(saved.name[5:]) < 202
     assert max(losses(tmp_path / "run")) == int(saved.name[5:])  # nothing trained after the checkpoint
     run([*cmd, "--resume", "auto"], tmp_path)

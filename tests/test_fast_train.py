@@ -20,7 +20,8 @@ from rim.methods import METHODS, make_method
 from rim.models.adapter import (add_memory_tokens, add_tokens, compile_model, enable_gradient_checkpointing,
                                 make_trainable, set_dropout)
 from rim.models.tiny import tiny_model, word_tokenizer
-from rim.train.loop import LengthBuckets, step_loss, stage_weights
+from rim.train.loss import stage_weights, step_loss
+from rim.train.sampling import LengthBuckets
 from test_distributed import CONFIG, needs_torchrun, one_and_two_processes_agree
 
 GROUNDING = StageConfig(name="g", kind="grounding", steps=1, block_weight="uniform")
@@ -160,6 +161,7 @@ def test_fused_loss_is_refused_where_it_would_be_wrong():
             load_config(None, overrides)
 
 
+@pytest.mark.slow
 def test_training_with_fused_loss_takes_the_same_steps(tmp_path):
     from rim.train.loop import train
 
@@ -176,6 +178,7 @@ def test_training_with_fused_loss_takes_the_same_steps(tmp_path):
     assert len(fused) == 5 and fused == pytest.approx(simple, rel=1e-5)
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_fused_loss_under_ddp_trains_like_one_process_without_it(tmp_path):
     """The fused loss runs inside the DDP-wrapped forward: two gloo processes take one process's steps."""
@@ -183,6 +186,7 @@ def test_fused_loss_under_ddp_trains_like_one_process_without_it(tmp_path):
     one_and_two_processes_agree(tmp_path, "train.fused_loss=true")
 
 
+@pytest.mark.slow
 def test_bench_train_times_the_fused_and_compiled_steps(tmp_path, monkeypatch):
     from rim.bench import SHAPES, BenchSettings, Shape, run_bench
 
@@ -315,6 +319,7 @@ def test_compile_model_passes_the_mode_or_backend(monkeypatch):
 @pytest.mark.parametrize("scope", ["blocks", "decoder"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU (bench/run_gpu.sh runs it there)"))])
+@pytest.mark.slow
 def test_training_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkeypatch, device, scope):
     """``train.compile=reduce-overhead`` with padded batches (real inductor; on a CPU without the CUDA graphs
     themselves), each block or the whole decoder compiled, accumulating two micro-batches per step (into gradient
@@ -346,6 +351,7 @@ def test_training_compiled_for_cuda_graphs_takes_the_same_steps(tmp_path, monkey
     assert len(marks) == 10 and stances.count("force_eager") == 4  # steps 2 and 4, and the ends of the stages (3, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "decoder"])
 def test_training_through_a_compiled_decoder_selects_eagerly(tmp_path, monkeypatch, scope):
     """Without CUDA graphs (here the aot_eager backend: torch.compile's tracing, no code generation), compiled
@@ -374,13 +380,14 @@ def test_training_through_a_compiled_decoder_selects_eagerly(tmp_path, monkeypat
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_adamw_is_fused_on_a_gpu_unless_sharded(device):
-    from rim.train.loop import adamw
+    from rim.train.optim import adamw
 
     params = [torch.nn.Parameter(torch.zeros(3, device=device))]
     assert bool(adamw(params, 1e-3).defaults["fused"]) == (device == "cuda")
     assert not adamw(params, 1e-3, sharded=True).defaults["fused"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "decoder"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_compile_model_compiles_each_block_or_the_decoder(monkeypatch, mode, scope):
@@ -393,6 +400,7 @@ def test_compile_model_compiles_each_block_or_the_decoder(monkeypatch, mode, sco
         assert compiled[-len(expected):] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_decoder_under_the_rim_mask_traces_as_one_graph(family, mode):
@@ -413,6 +421,7 @@ def test_the_decoder_under_the_rim_mask_traces_as_one_graph(family, mode):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@pytest.mark.slow
 def test_compile_model_switches_scope_and_refuses_a_model_without_a_decoder():
     model, _, _ = make_tiny("llama", layers=2)
     compile_model(model, "eager", "blocks")
@@ -426,16 +435,30 @@ def test_compile_model_switches_scope_and_refuses_a_model_without_a_decoder():
         compile_model(model, True, "everything")
 
 
-def test_training_runs_with_buckets_and_checkpointing(tmp_path):
+@pytest.mark.slow
+def test_training_with_buckets_and_checkpointing_takes_the_plain_runs_steps(tmp_path):
+    """Gradient checkpointing recomputes the forward in the backward: with batches bucketed by length, a run with
+    it logs the losses of the same run without it, step for step (and bucketing draws other batches than plain
+    shuffling, so the bucketed runs are not the plain run again)."""
     from rim.train.loop import train
 
-    cfg = load_config(None, [
-        "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "data.options={n_train: 48}",
-        "stages=[{name: g, kind: grounding, steps: 2}, {name: r, kind: refinement, steps: 1}]",
-        "train.batch_size=16", "train.progress=false", "train.log_every=1", "train.bucket_by_length=true",
-        "train.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}", "train.device=cpu"])
-    run = train(cfg)
-    assert (run / "checkpoint" / "rim.json").is_file()
+    def losses(*extra: str) -> list[float]:
+        cfg = load_config(None, [
+            "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "data.options={n_train: 48}",
+            "stages=[{name: g, kind: grounding, steps: 2}, {name: r, kind: refinement, steps: 1}]",
+            "train.batch_size=16", "train.progress=false", "train.log_every=1", "train.device=cpu",
+            f"output_dir={tmp_path / str(len(extra))}", *extra])
+        run = train(cfg)
+        assert (run / "checkpoint" / "rim.json").is_file()
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if '"event": "train"' in line]
+
+    plain = losses()
+    bucketed = losses("train.bucket_by_length=true")
+    both = losses("train.bucket_by_length=true", "train.gradient_checkpointing=true")
+    assert len(both) == len(bucketed) == 3
+    assert both == pytest.approx(bucketed, rel=1e-5)
+    assert bucketed != pytest.approx(plain, rel=1e-5)
 
 
 def test_single_readout_layout_keeps_one_position_per_label():

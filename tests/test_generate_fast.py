@@ -52,6 +52,7 @@ def test_static_cache_decodes_like_dynamic_and_uncached_with_padding_and_early_s
                       for p in prompts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rim", "nocot", "coconut", "codi"])
 def test_methods_decode_alike_with_a_static_cache_and_compiled_steps(name):
     model, tok, method = setup(name, memory_tokens=1, max_latent_steps=2, thoughts_per_step=2, latents=2)
@@ -118,6 +119,7 @@ def test_cli_decoding_flags_become_eval_overrides():
     assert compile_setting(bench) == "eager"
 
 
+@pytest.mark.slow
 def test_rim_eval_and_answer_decode_alike_with_static_cache_and_compile(tmp_path, monkeypatch, capsys):
     """A LoRA run: ``rim eval`` compiles the peft model's forward, ``rim answer`` the merged model's."""
     tok = word_tokenizer(RunningSum(digits=3).vocabulary())

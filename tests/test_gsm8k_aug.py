@@ -12,8 +12,6 @@ from rim.data.benchmarks import GSM8K
 from rim.data.gsm8k_aug import GSM8KAug, parse_record, read_gsm8k_aug
 from rim.data.tasks import DataError, Example
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 # (question, steps, answer as written in the source); the last answer has a thousands comma
 PROBLEMS = [
@@ -132,9 +130,8 @@ def test_bad_local_sources_fail_clearly(tmp_path):
         GSM8KAug(str(tmp_path / "empty.txt")).load("dev")
 
 
-@needs_data
-def test_valid_and_test_are_gsm8k_files_from_the_data_directory():
-    task = GSM8KAug("unused/hub-id", data_dir=str(DATA))  # valid/test never touch the train source
+def test_valid_and_test_are_gsm8k_files_from_the_data_directory(data_dir):
+    task = GSM8KAug("unused/hub-id", data_dir=str(data_dir))  # valid/test never touch the train source
     test = task.load("test")
-    assert len(test) == 1319 and test == GSM8K(str(DATA)).load("test")
+    assert len(test) == 1319 and test == GSM8K(str(data_dir)).load("test")
     assert len(task.load("valid")) == 500

@@ -15,11 +15,10 @@ if importlib.util.find_spec("lm_eval") is None:
     pytest.skip("lm-eval not installed (pip install -e '.[lmeval]')", allow_module_level=True)
 
 from rim.cli import main  # noqa: E402
-from rim.config import load_config  # noqa: E402
+from rim.compare import build_config, demo_spec_path, load_spec, method_configs  # noqa: E402
 from rim.integrations.lmeval import TASKS_DIR, rim_results  # noqa: E402
 
 DATA = Path(os.environ.get("RIM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "rim" / "configs"
 N = 24  # demo test problems scored both ways
 
 
@@ -27,7 +26,7 @@ def demo_run(out: Path, stages: str) -> Path:
     """A RiM run on the demo task's data (the options rim_demo.yaml names), tiny model, a few steps."""
     from rim.train.loop import train
 
-    return train(load_config(CONFIGS / "demo-rim.yaml", [
+    return train(build_config(load_spec(demo_spec_path()).methods["rim"], [
         "model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "method.blocks=3", "data.max_train=512",
         f"stages={stages}", "train.batch_size=32", "train.progress=false", "eval.latency_examples=1",
         f"output_dir={out}"]))
@@ -78,10 +77,12 @@ def test_lm_eval_scores_the_demo_task_problem_by_problem_as_rim_eval(kind, tmp_p
 def test_demo_task_yaml_names_the_demo_configs_data():
     """rim_demo.yaml scores the problems `rim demo` trains and evaluates on: the same task and options."""
     spec = yaml.safe_load((TASKS_DIR / "rim_demo.yaml").read_text())["dataset_kwargs"]
-    for path in sorted(CONFIGS.glob("demo-*.yaml")):
-        data = load_config(path).data
+    configs = method_configs(load_spec(demo_spec_path()))
+    assert "rim" in configs and len(configs) > 3
+    for label, (cfg, *_) in configs.items():
+        data = cfg.data
         assert (data.task, data.options, data.eval_split) == (spec["rim_task"], spec["rim_options"],
-                                                              spec["rim_split"]), path.name
+                                                              spec["rim_split"]), label
 
 
 def test_every_shipped_task_loads_rims_problems(monkeypatch):

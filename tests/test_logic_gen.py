@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from pathlib import Path
 
 import pytest
 
 from rim.data.benchmarks import CoconutLogic, ProntoQA
 from rim.data.logic_gen import generate_prontoqa, generate_prosqa, logic_stats
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N = 300
 
-pytestmark = pytest.mark.skipif(
-    not (DATA / "prosqa" / "prosqa_test.json").exists() or not (DATA / "prontoqa" / "prontoqa_test.json").exists(),
-    reason="shipped ProsQA/ProntoQA files missing")
 
 
 @pytest.fixture(scope="module")
-def prosqa():
-    return CoconutLogic(str(DATA)).load("valid") + CoconutLogic(str(DATA)).load("test"), generate_prosqa(N, 0)
+def prosqa(data_dir):
+    return CoconutLogic(str(data_dir)).load("valid") + CoconutLogic(str(data_dir)).load("test"), generate_prosqa(N, 0)
 
 
 @pytest.fixture(scope="module")
-def prontoqa():
-    return ProntoQA(str(DATA)).load("valid") + ProntoQA(str(DATA)).load("test"), generate_prontoqa(N, 0)
+def prontoqa(data_dir):
+    return ProntoQA(str(data_dir)).load("valid") + ProntoQA(str(data_dir)).load("test"), generate_prontoqa(N, 0)
 
 
 # ------------------------------------------------------------------ formats (regexes derived from the shipped files)

@@ -201,6 +201,7 @@ def tiny_config(method: str, stages: list[str], tmp_path, extra=()):
     ("coconut", ["{name: s0, kind: latent, steps: 2, latent_steps: 0}",
                  "{name: s1, kind: latent, steps: 2, latent_steps: 1}"], ["method.max_latent_steps=1"]),
 ])
+@pytest.mark.slow
 def test_each_method_trains_and_evaluates(tmp_path, method, stages, extra):
     from rim.eval.run import eval_run
     from rim.train.loop import train
@@ -213,6 +214,7 @@ def test_each_method_trains_and_evaluates(tmp_path, method, stages, extra):
     assert {"pause": "<pause>", "icot": "####", "coconut": "<thought>"}[method] in layout
 
 
+@pytest.mark.slow
 def test_coconut_starts_from_a_trained_cot_run(tmp_path):
     from rim.eval.run import load_run
     from rim.train.loop import train
@@ -229,6 +231,7 @@ def test_coconut_starts_from_a_trained_cot_run(tmp_path):
     assert tok.convert_tokens_to_ids([BOT, THOUGHT, EOT]) == [len(tok) - 3, len(tok) - 2, len(tok) - 1]
 
 
+@pytest.mark.slow
 def test_coconut_decodes_every_checkpoint_in_the_runs_final_form(tmp_path, monkeypatch):
     """Selection and every checkpoint (also one from stage 0, which would otherwise be scored as CoT and could be
     picked as Coconut's) decode with the thoughts of the run's last stage, not the maximum; rim.json names the stage

@@ -14,7 +14,7 @@ from rim.core.curriculum import weighted_readout_loss
 from rim.core.layout import READOUT, Readout, build_layout, grounding_readouts, refinement_readouts
 from rim.infer.generate import greedy_generate
 from rim.models.adapter import check_custom_mask_support, make_trainable, masked_forward
-from rim.train.loop import stage_weights
+from rim.train.loss import stage_weights
 
 QUESTION = [4, 5, 6, 7, 8]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data_dir
 from rim.data.multiplication import Multiplication, multiplication_line, operands, parse_multiplication_line
 from rim.data.tasks import DataError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ICOT = DATA / "multiplication_icot"
+ICOT = shared_data_dir() / "multiplication_icot"  # the parameters below list its files at collection
 if not ICOT.is_dir():
     pytest.skip(f"shipped data not found at {ICOT}", allow_module_level=True)
 
@@ -19,7 +19,7 @@ SIZES = [4, 5, 7, 9, 11]
 SHIPPED = sorted(ICOT.glob("*_by_*_mult/*.txt")) + sorted(ICOT.glob("icot_kd_variant/*_by_*_mult/*.txt"))
 
 
-def test_all_sizes_and_kd_variant_are_shipped():
+def test_all_sizes_and_kd_variant_are_shipped(data_dir):
     assert len(SHIPPED) == 2 * len(SIZES) + 2
 
 
@@ -45,20 +45,20 @@ def test_parse_splits_one_step_per_term():
     assert Multiplication().cot_text(ex) == " " + line.split("||")[1]  # CoT text is the iCoT text exactly
 
 
-def test_valid_and_test_load_from_data_dir():
-    task = Multiplication(digits=5, data_dir=str(DATA))
+def test_valid_and_test_load_from_data_dir(data_dir):
+    task = Multiplication(digits=5, data_dir=str(data_dir))
     valid, test = task.load("valid"), task.load("test")
     assert len(valid) == len(test) == 1000
     assert all(len(ex.steps) == 5 and len(ex.answer.split()) == 10 for ex in valid + test)
 
 
 @pytest.mark.parametrize("digits", [4, 11])
-def test_generated_train(digits: int):
-    task = Multiplication(digits=digits, data_dir=str(DATA), n_train=2000, seed=1)
+def test_generated_train(data_dir, digits: int):
+    task = Multiplication(digits=digits, data_dir=str(data_dir), n_train=2000, seed=1)
     train = task.load("train")
     assert len(train) == 2000
-    assert train == Multiplication(digits=digits, data_dir=str(DATA), n_train=2000, seed=1).load("train")
-    assert train != Multiplication(digits=digits, data_dir=str(DATA), n_train=2000, seed=2).load("train")
+    assert train == Multiplication(digits=digits, data_dir=str(data_dir), n_train=2000, seed=1).load("train")
+    assert train != Multiplication(digits=digits, data_dir=str(data_dir), n_train=2000, seed=2).load("train")
     assert not {ex.question for ex in train} & {ex.question for ex in task.load("valid") + task.load("test")}
     for ex in train:
         a, b = operands(ex.question)
@@ -69,8 +69,8 @@ def test_generated_train(digits: int):
         assert task.cot_text(ex) == " " + line.split("||")[1]
 
 
-def test_train_excludes_held_out_questions():
-    task = Multiplication(digits=4, data_dir=str(DATA), n_train=10)
+def test_train_excludes_held_out_questions(data_dir):
+    task = Multiplication(digits=4, data_dir=str(data_dir), n_train=10)
     held_out = task._held_out()
     assert len(held_out) > 2000  # valid, test and the kd-variant test of 4 x 4
     assert {ex.question for ex in task.load("valid")} <= held_out
@@ -84,7 +84,7 @@ def test_correctness_and_extraction():
     assert task.max_new_tokens >= 4 * 2 * 2
 
 
-def test_missing_data_dir_names_the_path(monkeypatch, tmp_path):
+def test_missing_data_dir_names_the_path(data_dir, monkeypatch, tmp_path):
     monkeypatch.delenv("RIM_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="multiplication_icot/7_by_7_mult.*RIM_DATA_DIR"):
         Multiplication(digits=7).load("test")
@@ -92,7 +92,7 @@ def test_missing_data_dir_names_the_path(monkeypatch, tmp_path):
         Multiplication(digits=7, data_dir=str(tmp_path)).load("valid")
     assert str(tmp_path / "multiplication_icot" / "7_by_7_mult" / "valid.txt") in str(err.value)
     assert "data.options.data_dir" in str(err.value)
-    monkeypatch.setenv("RIM_DATA_DIR", str(DATA))
+    monkeypatch.setenv("RIM_DATA_DIR", str(data_dir))
     assert len(Multiplication(digits=7).load("valid")) == 1000
 
 

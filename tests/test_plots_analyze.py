@@ -14,6 +14,7 @@ import rim.plots
 from rim.analyze import auprc, auroc, block_ends, fit_probe
 from rim.cli import main
 from rim.config import load_config
+from rim.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +39,16 @@ def rim_run(tmp_path_factory):
 
 
 def is_png(path) -> bool:
-    return path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG
+    """A PNG that decodes to a real plot: a few hundred pixels a side, a white background with drawn pixels on
+    it (axes, text, curves or bars: many of them, in several colours), not one flat colour."""
+    from matplotlib.image import imread
+
+    if path.read_bytes()[:8] != PNG:
+        return False
+    rgb = imread(path)[..., :3]  # (H, W, 3) floats in [0, 1]
+    drawn = (rgb < 0.9).any(-1).mean()  # fraction of pixels that are not (near) white
+    colours = len({tuple(p) for p in (rgb[::4, ::4] * 255).round().reshape(-1, 3).tolist()})
+    return min(rgb.shape[:2]) >= 300 and 0.01 < drawn < 0.9 and colours >= 8
 
 
 def test_doctests_of_plots_and_analyze():
@@ -69,6 +79,7 @@ def test_probe_separates_separable_data_and_falls_back_to_the_base_rate():
     assert torch.allclose(constant, torch.full((10,), 10.5 / 11, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_block_ends_point_at_the_closing_token(rim_run):
     from rim.eval.run import load_run
     from rim.infer.generate import left_pad
@@ -81,6 +92,7 @@ def test_block_ends_point_at_the_closing_token(rim_run):
         assert tok.convert_ids_to_tokens(row[block_ends(ids.shape[1], 3, 4)].tolist()) == ["</b>"] * 3
 
 
+@pytest.mark.slow
 def test_plot_writes_the_three_pngs_and_accuracy_vs_k(rim_run, capsys):
     assert main(["plot", str(rim_run), "--split", "valid"]) == 0
     out = rim_run / "plots"
@@ -94,6 +106,7 @@ def test_plot_writes_the_three_pngs_and_accuracy_vs_k(rim_run, capsys):
     assert result["final_block_accuracy"][1:] == result["block_accuracy"]
 
 
+@pytest.mark.slow
 def test_block_k_readout_is_inference_with_k_blocks(rim_run):
     """Final-block accuracy at K = k decoded on its own equals block k's readout from one K = 16 evaluation."""
     from rim.eval.evaluate import evaluate
@@ -126,8 +139,9 @@ def test_block_accuracy_prefers_the_runs_eval_results(tmp_path):
         assert rim.plots.block_accuracy_source(tmp_path, "best", computed)["source"] == "computed (rim plot)"
 
 
+@pytest.mark.slow
 def test_loss_plot_stages_and_lambda_curves(rim_run):
-    events = rim.plots.read_events(rim_run)
+    events = RunDir(rim_run).events()
     assert rim.plots.stage_spans(events) == [("grounding", 0, 2), ("refinement", 2, 5)]
     cfg = load_config(rim_run / "config.yaml")
     assert rim.plots.median_steps(cfg) == 4
@@ -135,6 +149,7 @@ def test_loss_plot_stages_and_lambda_curves(rim_run):
     assert curves.tolist() == [[1, 0], [1, 0], [1, 1], [1, 1]]
 
 
+@pytest.mark.slow
 def test_analyze_writes_pca_and_probes_on_disjoint_questions(rim_run, capsys):
     assert main(["analyze", str(rim_run), "--probe-split", "valid", "--score-split", "test"]) == 0
     out = rim_run / "analysis"
@@ -160,6 +175,7 @@ def test_analyze_writes_pca_and_probes_on_disjoint_questions(rim_run, capsys):
     assert len(questions["score"]) == 16 and not set(questions["probe"]) & set(questions["score"])
 
 
+@pytest.mark.slow
 def test_analyze_refuses_scoring_on_the_probe_split(rim_run, capsys):
     assert main(["analyze", str(rim_run), "--probe-split", "test", "--score-split", "test"]) == 2
     assert "fitted on other problems" in capsys.readouterr().err
@@ -177,8 +193,22 @@ def test_analyze_refuses_splits_that_leave_no_probe_problems():
         rim.analyze.held_out_examples(Same(), "valid", "test", None)
 
 
+@pytest.mark.slow
 def test_plot_of_a_method_without_blocks_is_only_the_loss(tmp_path):
     run = tiny_run("nocot", ["{name: sft, kind: sft, steps: 2}"], tmp_path)
     assert [p.name for p in rim.plots.plot_run(run, device="cpu")] == ["loss.png"]
     assert is_png(run / "plots" / "loss.png")
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["loss.png"]
+
+
+def test_the_png_check_decodes_the_image_and_rejects_a_blank_one(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4))
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp_path / "blank.png", dpi=100)
+    assert not is_png(tmp_path / "blank.png")  # a valid PNG header, nothing drawn
+    fig.subplots().plot([0, 1, 2], [0, 1, 0], color="C1")
+    fig.savefig(tmp_path / "line.png", dpi=100)
+    assert is_png(tmp_path / "line.png")

@@ -47,6 +47,7 @@ def test_test_split_is_never_used_for_selection():
         load_config(None, ["eval.every=10"])
 
 
+@pytest.mark.slow
 def test_selection_on_training_problems_is_refused_or_reported(tmp_path):
     """Selecting on the training split is refused by the config; a selection split made only of training problems
     (GSM8K's valid is drawn from its train) is refused before training, and a partial overlap is warned about and
@@ -82,6 +83,7 @@ def test_selection_on_training_problems_is_refused_or_reported(tmp_path):
         {"event": "select_overlap", "split": "valid", "shared": 1, "n": 3}]
 
 
+@pytest.mark.slow
 def test_periodic_selection_best_checkpoint_and_protocol(tmp_path):
     cfg = write_config(tmp_path)
     done = rim("train", str(cfg), "train.save_every=2", "eval.select_split=valid", "eval.every=2",

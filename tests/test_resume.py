@@ -20,9 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from rim.config import ConfigError, load_config
-from rim.train import loop
-from rim.train.loop import Checkpointer, NonFiniteLoss, train
-from rim.train.state import CheckpointError, latest_valid, load_state, verify
+from rim import rundir
+from rim.errors import CheckpointError, NonFiniteLoss
+from rim.rundir import RunDir, verify
+from rim.train import checkpoint, loop, optim, sampling
+from rim.train.checkpoint import Checkpointer
+from rim.train.loop import train
+from rim.train.state import load_state
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 TINY = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "train.progress=false",
         "train.device=cpu", "train.batch_size=8", "train.log_every=1", "train.save_every=2",
@@ -111,14 +117,14 @@ def test_a_resumed_runs_training_time_counts_the_time_before_its_checkpoint(tmp_
 def test_checkpoints_training_time_includes_the_time_between_stages(tmp_path, monkeypatch):
     """A checkpoint's train_s counts from the run's start, so the switch between stages (here 0.5 s of setting up
     the second one) is in it, as it is in the done event's."""
-    original = loop.StageData
+    original = sampling.StageData
 
     def slow_setup(data, method, stage, seed):
         if stage.kind == "refinement":
             time.sleep(0.5)
         return original(data, method, stage, seed)
 
-    monkeypatch.setattr(loop, "StageData", slow_setup)
+    monkeypatch.setattr(sampling, "StageData", slow_setup)
     run = train(config(tmp_path, "run", RIM))
     spent = {step: load_state(run / "checkpoints" / f"step-{step}")[0].train_s for step in (6, 8)}
     assert spent[8] - spent[6] >= 0.5  # step 6 ends the grounding stage; step 8 is in refinement
@@ -134,7 +140,7 @@ def test_broken_newest_checkpoint_falls_back_to_the_one_before(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match="does not match its hash"):
         verify(newest)
     warnings = []
-    assert latest_valid(tmp_path / "cut", warnings.append) == tmp_path / "cut" / "checkpoints" / "step-6"
+    assert RunDir(tmp_path / "cut").latest_valid(warnings.append) == tmp_path / "cut" / "checkpoints" / "step-6"
     assert "step-8" in warnings[0]
     with pytest.raises(CheckpointError, match="step-8"):
         train(cfg, resume=str(newest))  # an explicit broken checkpoint is an error, not a silent fallback
@@ -220,7 +226,7 @@ def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path,
     model, tok, _ = make_tiny("llama")
     cfg = load_config()
     best = tmp_path / "best"
-    loop.write_checkpoint(model, tok, cfg, best, {"step": 1})
+    checkpoint.write_checkpoint(model, tok, cfg, best, {"step": 1})
     real_replace = os.replace
 
     def crash_on_the_new_folder(src, dst):
@@ -229,15 +235,15 @@ def test_a_crash_while_replacing_a_checkpoint_folder_keeps_the_old_one(tmp_path,
         real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(loop.os, "replace", crash_on_the_new_folder)
+        m.setattr(rundir.os, "replace", crash_on_the_new_folder)
         with pytest.raises(OSError, match="simulated crash"):
-            loop.write_checkpoint(model, tok, cfg, best, {"step": 2})
+            checkpoint.write_checkpoint(model, tok, cfg, best, {"step": 2})
     assert not best.exists() and (tmp_path / "best.old").is_dir()
     (tmp_path / "notes.old").mkdir()  # not rim's
-    loop.restore_moved_aside(tmp_path)
+    RunDir(tmp_path).restore_moved_aside()
     verify(best)
     assert json.loads((best / "rim.json").read_text())["step"] == 1 and not (tmp_path / "best.old").exists()
-    loop.write_checkpoint(model, tok, cfg, best, {"step": 3})  # a normal replacement leaves nothing aside
+    checkpoint.write_checkpoint(model, tok, cfg, best, {"step": 3})  # a normal replacement leaves nothing aside
     assert json.loads((best / "rim.json").read_text())["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "notes.old"]
 
@@ -285,7 +291,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "--resume auto" in err
-    saved = latest_valid(tmp_path / "run")
+    saved = RunDir(tmp_path / "run").latest_valid()
     assert saved is not None and 0 < int(saved.name[5:]) < 400
     done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -298,11 +304,11 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path):
     cmd, env = train_command(tmp_path, steps=300, save_every=5)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and latest_valid(tmp_path / "run", lambda _: None) is None:
+    while time.time() < deadline and RunDir(tmp_path / "run").latest_valid(lambda _: None) is None:
         time.sleep(0.1)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait(timeout=60)
-    saved = latest_valid(tmp_path / "run", lambda _: None)
+    saved = RunDir(tmp_path / "run").latest_valid(lambda _: None)
     logged = max(losses(tmp_path / "run"))
     assert saved is not None and logged - int(saved.name[5:]) < 5 + 5  # the unsaved tail is under an interval
     done = subprocess.run([*cmd, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
@@ -330,7 +336,7 @@ def test_a_resumed_optimizer_keeps_its_own_implementation():
     same moments: plain ``load_state_dict`` would bring back the saved ``fused=None``."""
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
-    saved_by = loop.adamw(weights, lr=1e-2)
+    saved_by = optim.adamw(weights, lr=1e-2)
     for _ in range(2):
         sum((w ** 2).sum() for w in weights).backward()
         saved_by.step()
@@ -339,7 +345,7 @@ def test_a_resumed_optimizer_keeps_its_own_implementation():
     assert not state["param_groups"][0]["fused"]
     copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
     fused = torch.optim.AdamW(copies, lr=1e-2, fused=True)
-    fused.load_state_dict(loop.with_implementation_of(fused, state))
+    fused.load_state_dict(optim.with_implementation_of(fused, state))
     assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["lr"] == 1e-2
     for opt, params in ((saved_by, weights), (fused, copies)):
         sum((w ** 2).sum() for w in params).backward()

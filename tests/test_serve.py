@@ -90,6 +90,7 @@ def rim_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_exported_rim_model_answers_like_rim_in_plain_transformers(rim_runs, monkeypatch, capsys, tmp_path, mode):
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -136,6 +137,7 @@ def test_exported_rim_model_answers_like_rim_in_plain_transformers(rim_runs, mon
         assert torch.allclose(model(ids).logits, AutoModelForCausalLM.from_pretrained(folder)(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_block_readouts_are_the_answers_after_k_blocks(rim_runs, monkeypatch, capsys):
     run = rim_runs["full"]
     records = answers(monkeypatch, capsys, run, "--blocks", "4", "--block-readouts")
@@ -149,6 +151,7 @@ def test_block_readouts_are_the_answers_after_k_blocks(rim_runs, monkeypatch, ca
     assert code == 0 and json.loads(out)["question"] == "1 2 3" and json.loads(out)["blocks"] == 3  # trained K
 
 
+@pytest.mark.slow
 def test_questions_from_a_file_text_or_json(rim_runs, monkeypatch, capsys, tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "1 2 3", "answer": "6"}\n\n4 5 6\n')
@@ -165,6 +168,7 @@ def test_questions_from_a_file_text_or_json(rim_runs, monkeypatch, capsys, tmp_p
     assert [json.loads(line)["question"] for line in out.splitlines()] == ["1 2 3"]  # answered before line 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(OTHER))
 def test_every_method_answers_and_exports_or_says_why_not(tmp_path, monkeypatch, capsys, method):
     from rim.data.tasks import RunningSum

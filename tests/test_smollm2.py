@@ -41,6 +41,7 @@ def tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
+@pytest.mark.slow
 def test_converted_dir_is_plain_llama(model_dir: Path, model) -> None:
     assert model_dir == Path(hub.resolve_model_path(ALIAS, cache_dir=model_dir.parent.parent))
     assert (model_dir / "model.safetensors").is_file() and (model_dir / hub.MARKER).is_file()
@@ -56,6 +57,7 @@ def test_converted_dir_is_plain_llama(model_dir: Path, model) -> None:
     assert [p.name for p in model_dir.parent.iterdir()] == [ALIAS]
 
 
+@pytest.mark.slow
 def test_second_call_reuses_cache(model_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stamp = (model_dir / hub.MARKER).stat().st_mtime_ns
 
@@ -67,6 +69,7 @@ def test_second_call_reuses_cache(model_dir: Path, cache_dir: Path, monkeypatch:
     assert (model_dir / hub.MARKER).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_tokenizer(tokenizer) -> None:
     text = "Hello, world! 2 + 2 = 4."
     ids = tokenizer(text).input_ids
@@ -79,6 +82,7 @@ def test_tokenizer(tokenizer) -> None:
     assert tokenizer.model_max_length == 8192
 
 
+@pytest.mark.slow
 def test_greedy_generation(model, tokenizer) -> None:
     inputs = tokenizer("The capital of France is", return_tensors="pt")
 
@@ -126,6 +130,7 @@ def test_interrupted_conversion_is_redone(tmp_path: Path, monkeypatch: pytest.Mo
     assert (target / "config.json").read_text() == "{}" and (target / hub.MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
     """The RiM adapter on a real pretrained model: memory tokens, mask probe, one pass == inference passes,
     and a LoRA step that moves only LoRA weights and the memory-token rows."""
@@ -135,7 +140,7 @@ def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
     from rim.core.layout import READOUT, build_layout, refinement_readouts
     from rim.models.adapter import MemoryTokenIds, make_trainable, masked_forward
     from rim.models.load import build_model
-    from rim.train.loop import stage_weights
+    from rim.train.loss import stage_weights
 
     model, tok, ids = build_model(ModelConfig(name=str(model_dir)))  # includes the custom-mask probe
     mem = MemoryTokenIds(*ids)
@@ -165,6 +170,7 @@ def test_rim_adapter_on_smollm2(model_dir: Path) -> None:
     assert changed == mem.all
 
 
+@pytest.mark.slow
 def test_chat_prompt_format(tokenizer) -> None:
     from rim.methods.base import question_ids
     from rim.models.tiny import word_tokenizer
@@ -178,6 +184,7 @@ def test_chat_prompt_format(tokenizer) -> None:
         question_ids(word_tokenizer(["a"]), "a", "chat")
 
 
+@pytest.mark.slow
 def test_special_token_strings_in_a_question_are_text(model_dir: Path) -> None:
     """With a real BPE tokenizer and chat template: ``<b>``, ``</b>`` and ``<|im_end|>`` inside a question are text,
     tokenized as the same text is without the memory tokens; the template's own markers stay special."""
@@ -197,6 +204,7 @@ def test_special_token_strings_in_a_question_are_text(model_dir: Path) -> None:
     assert tok.decode(text_ids(tok, question)) == question
 
 
+@pytest.mark.slow
 def test_coconut_answers_after_the_same_tail_at_every_stage(model_dir: Path) -> None:
     """With a BPE tokenizer that keeps spaces: when a stage leaves no language step, the target starts with the
     ``#### answer`` tail every other stage trains, not with an extra space token (a task that joins its steps with

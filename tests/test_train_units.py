@@ -13,7 +13,8 @@ from rim.core.batch import collate
 from rim.core.layout import build_layout, refinement_readouts
 from rim.models.adapter import add_memory_tokens, make_trainable, masked_forward, set_dropout
 from rim.models.tiny import tiny_model, word_tokenizer
-from rim.train.loop import fresh_optimizer, stage_length
+from rim.train.optim import fresh_optimizer
+from rim.train.sampling import stage_length
 
 
 def test_stage_length_counts_epochs_as_accelerate_steps():
@@ -122,8 +123,8 @@ def test_optimizer_state_keyed_by_index_or_by_name_converts_both_ways(tmp_path):
     from accelerate import Accelerator
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from rim.train.loop import keyed_optimizer_state
-    from rim.train.state import CheckpointError
+    from rim.errors import CheckpointError
+    from rim.train.optim import keyed_optimizer_state
 
     model, _, _ = make_tiny("llama")  # tied embeddings: the head's weight is the embedding's
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # not in the optimizer
@@ -143,6 +144,7 @@ def test_optimizer_state_keyed_by_index_or_by_name_converts_both_ways(tmp_path):
         keyed_optimizer_state(by_index, model, True, tmp_path)
 
 
+@pytest.mark.slow
 def test_an_epochs_short_last_step_is_not_scaled_down(tmp_path, monkeypatch):
     """grad_accum=2 over 3 batches an epoch: the second step has one micro-batch. accelerate divides each loss by
     2; that micro-batch's loss goes to the backward doubled, so its step's gradient is its mean, as for full steps."""

@@ -35,6 +35,7 @@ from rim.data.tasks import Example, Task, make_task
 from rim.eval.evaluate import evaluate
 from rim.infer.generate import left_pad
 from rim.methods.base import Method, TokenizedExample, make_method, method_class
+from rim.rundir import RunDir, step_name
 
 POSITION = "penultimate layer (hidden_states[-2]) at the closing </b> of each block"
 
@@ -213,13 +214,11 @@ def checkpoint_names(run_dir: str | Path, which: str = "all") -> list[str]:
     """``all``: ``init`` (before training), every ``checkpoints/step-N``, the final ``checkpoint`` (the step-N of
     the last step is the same weights and is left out); otherwise a comma-separated list of names (``init``,
     ``checkpoint``, ``best``, ``checkpoints/step-N``)."""
-    from rim.eval.run import checkpoints_of
-    from rim.plots import read_events
-
     if which != "all":
         return [name.strip() for name in which.split(",") if name.strip()]
-    done = next((e["steps"] for e in read_events(run_dir) if e.get("event") == "done"), None)
-    return ["init", *(name for name in checkpoints_of(run_dir) if name != f"checkpoints/step-{done}")]
+    run = RunDir(run_dir)
+    done = next((e["steps"] for e in run.events() if e.get("event") == "done"), None)
+    return ["init", *(name for name in run.checkpoints() if done is None or name != step_name(done))]
 
 
 def load_checkpoint(run_dir: Path, name: str, device: str = "auto") -> tuple[torch.nn.Module, object, Method]:
@@ -231,7 +230,7 @@ def load_checkpoint(run_dir: Path, name: str, device: str = "auto") -> tuple[tor
     if name != "init":
         _, model, tokenizer, method, _ = load_run(run_dir, device, name)
         return model, tokenizer, method
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config_path)
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
     model, tokenizer, _ = build_model(cfg.model, task, cfg.train.seed, method_class(cfg.method.name).special_tokens)
     return model.to(pick_device(device)).eval(), tokenizer, make_method(cfg.method, tokenizer)
@@ -268,7 +267,7 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", probe_split: str 
     """Run the analysis (module docstring); writes ``analysis/analysis.json``, ``analysis.md``, ``pca.png`` and
     ``questions.json`` (the probe and score questions) into the run directory and returns the JSON data."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config_path)
     if not method_class(cfg.method.name).any_block:
         raise ConfigError(f"rim analyze looks at memory blocks; method {cfg.method.name!r} has none")
     names = checkpoint_names(run_dir, checkpoints)
@@ -296,7 +295,7 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", probe_split: str 
               "pca": {"split": probe_split, "n": len(probe), "checkpoints": rows},
               "probe": {"checkpoint": names[-1], "probe_split": probe_split, "score_split": score_split,
                         "n_probe": len(probe), "n_score": len(score), "dropped_shared_questions": dropped, **report}}
-    out = run_dir / "analysis"
+    out = RunDir(run_dir).analysis_dir
     out.mkdir(exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "questions.json").write_text(json.dumps({"probe": [ex.question for ex in probe],

@@ -84,7 +84,7 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     from rim.data.tasks import make_task
     from rim.methods.base import make_method, method_class
     from rim.models.load import build_model
-    from rim.train.loop import describe_layout
+    from rim.train.log import describe_layout
 
     cfg = load_config(args.config, args.overrides)
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
@@ -129,7 +129,7 @@ def cmd_campaign(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from rim.bench import BenchSettings, markdown, run_bench
-    from rim.bench_cost import CostSettings, default_recipes
+    from rim.bench.cost import CostSettings, default_recipes
 
     settings = BenchSettings(question_tokens=args.question_tokens, batch_sizes=tuple(args.batch_sizes),
                              train_batch=args.train_batch, train_mode=args.train_mode, warmup=args.warmup,
@@ -231,7 +231,7 @@ def compile_scopes(value: str | None, modes: str | None = "default") -> tuple[st
     """``--compile-scope SCOPES``: what ``--compile-train`` (``modes``) compiles (``train.compile_scope``'s values;
     blocks when not given)."""
     from rim.config import ConfigError
-    from rim.models.adapter import COMPILE_SCOPES
+    from rim.config import COMPILE_SCOPES
 
     if value is None:
         return ("blocks",)
@@ -463,10 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.data_dir:
         os.environ["RIM_DATA_DIR"] = args.data_dir
-    from rim.config import ConfigError
-    from rim.data.tasks import DataError
-    from rim.train.loop import TrainingStopped
-    from rim.train.state import CheckpointError
+    from rim.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 
     finished = False
     try:

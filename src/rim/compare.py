@@ -21,6 +21,7 @@ import math
 import re
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,10 @@ from typing import Any
 
 import yaml
 
-from rim.config import Config, ConfigError, flatten, inference_blocks, load_config, to_dict
+from rim.config import Config, flatten, inference_blocks, load_config, to_dict
+from rim.data.tasks import check_task_options
+from rim.errors import ConfigError
+from rim.rundir import BEST, FINAL, RunDir, eval_name
 
 SPEC_KEYS = ("base", "methods", "seeds", "ood", "output_dir")
 RESERVED = ("train.seed", "output_dir", "overwrite")  # set by the compare: its seeds, its run dirs, --retrain
@@ -107,8 +111,15 @@ def build_config(data: dict, overrides: list[str]) -> Config:
         return load_config(path, overrides)
 
 
-def method_configs(spec: CompareSpec, overrides: list[str] | None = None) -> dict[str, list[Config]]:
-    """Every method's config per seed (``train.seed`` and ``output_dir`` set), all checked before any training."""
+def run_folder(label: str, seed: int) -> str:
+    """A compare run's folder name inside the spec's ``output_dir``."""
+    return f"{label}-s{seed}"
+
+
+def method_configs(spec: CompareSpec, overrides: list[str] | None = None,
+                   folder: Callable[[str, int], str] = run_folder) -> dict[str, list[Config]]:
+    """Every method's config per seed (``train.seed`` and ``output_dir``: ``<output_dir>/<folder(label, seed)>``
+    set), all checked before any training."""
     overrides = overrides or []
     configs = {}
     for label, data in spec.methods.items():
@@ -118,8 +129,10 @@ def method_configs(spec: CompareSpec, overrides: list[str] | None = None) -> dic
                               "(spec keys seeds and output_dir, flag --retrain)")
         try:
             configs[label] = [build_config(data, [*overrides, f"train.seed={seed}",
-                                                  f"output_dir={spec.output_dir / f'{label}-s{seed}'}"])
+                                                  f"output_dir={spec.output_dir / folder(label, seed)}"])
                               for seed in spec.seeds]
+            for cfg in configs[label]:  # the task's options too, before any run trains
+                cfg.data.options = check_task_options(cfg.data.task, cfg.data.options)
         except ConfigError as err:
             raise ConfigError(f"compare method {label!r}: {err}") from None
     return configs
@@ -127,18 +140,13 @@ def method_configs(spec: CompareSpec, overrides: list[str] | None = None) -> dic
 
 def checkpoint_of(cfg: Config) -> str:
     """The checkpoint a run is scored with: ``best`` when it selects on a split, else the final one."""
-    return "best" if cfg.eval.select_split else "checkpoint"
-
-
-def eval_name(task_name: str | None, checkpoint: str) -> str:
-    """The folder ``rim eval RUN [--task T] [--checkpoint C]`` writes into: ``eval[-<task>][-<checkpoint>]``."""
-    return "eval" + (f"-{task_name}" if task_name else "") + ("" if checkpoint == "checkpoint" else f"-{checkpoint}")
+    return BEST if cfg.eval.select_split else FINAL
 
 
 def config_changes(run_dir: Path, cfg: Config) -> list[tuple[str, object, object]]:
     """(key, value there, value here) for every config key whose value differs from the run's ``config.yaml``,
     leaving out those that do not change a run's numbers."""
-    old, new = flatten(to_dict(load_config(run_dir / "config.yaml"))), flatten(to_dict(cfg))
+    old, new = flatten(to_dict(load_config(RunDir(run_dir).config_path))), flatten(to_dict(cfg))
     return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k) and k not in UNCOMPARED]
 
@@ -152,23 +160,27 @@ def check_unchanged(run_dir: Path, cfg: Config) -> None:
                           f"{here!r} here); pass --retrain or choose another output_dir")
 
 
-def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
-    """Train the run unless it is finished (or ``retrain``), then score what is not scored yet."""
+def prepare_run(cfg: Config, ood: list[str], retrain: bool = False, advise: bool = True) -> None:
+    """Train the run unless it is finished (or ``retrain``), then score what is not scored yet. ``advise``: a
+    run that stops says what to do within the compare (``rim demo`` says it its own way)."""
+    from rim.errors import NonFiniteLoss, TrainingStopped
     from rim.eval.run import eval_run
-    from rim.train.loop import NonFiniteLoss, TrainingStopped, train
-    from rim.train.state import latest_valid
+    from rim.train.loop import train
 
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / "checkpoint" / "rim.json").is_file() and not retrain:
+    run = RunDir(cfg.output_dir)
+    run_dir = run.path
+    if run.finished(FINAL) and not retrain:
         check_unchanged(run_dir, cfg)
     else:  # no finished run there, or --retrain
         # an unfinished run of this config continues from its last step checkpoint; anything else starts afresh
-        resume = ("auto" if not retrain and (run_dir / "config.yaml").is_file() and latest_valid(run_dir) is not None
+        resume = ("auto" if not retrain and run.config_path.is_file() and run.latest_valid() is not None
                   and not config_changes(run_dir, cfg) else None)
         print(f"== {run_dir.name}: {'continuing' if resume else 'training'} ==", flush=True)
         try:
             train(dataclasses.replace(cfg, overwrite=True), resume=resume)
         except TrainingStopped as err:  # the advice is for this run inside the compare
+            if not advise:
+                raise
             what = ("change the spec (e.g. a lower learning rate) and run `rim compare` again, which trains it "
                     "again from the start" if isinstance(err, NonFiniteLoss) else "run `rim compare` again: it "
                     "continues the run from its last step checkpoint (train.save_every), or starts it again")
@@ -177,9 +189,8 @@ def prepare_run(cfg: Config, ood: list[str], retrain: bool = False) -> None:
     checkpoint = checkpoint_of(cfg)
     for task_name in [None, *ood]:
         out_name = eval_name(task_name, checkpoint)
-        path = run_dir / out_name / "results.json"
-        why = "not scored yet" if not path.is_file() else not_standard(json.loads(path.read_text(encoding="utf-8")),
-                                                                       cfg, checkpoint)
+        results = run.read_results(out_name)
+        why = "not scored yet" if results is None else not_standard(results, cfg, checkpoint)
         if why:  # e.g. `rim eval RUN --split valid` wrote there since: scored again with the run's settings
             print(f"== {run_dir.name}: scoring {task_name or cfg.data.task} ({why}) ==", flush=True)
             eval_run(run_dir, checkpoint=checkpoint, task_name=task_name, out_name=out_name)
@@ -198,38 +209,23 @@ def not_standard(results: dict, cfg: Config, checkpoint: str) -> str | None:
     return None
 
 
-def train_stats(run_dir: Path) -> tuple[int | None, float | None]:
-    """Optimizer steps and training wall time (s) from ``metrics.jsonl``.
-
-    The ``done`` event has both; runs older than ``train_s`` get the sum over stages of each stage's last
-    ``elapsed_s``.
-    """
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    events = [json.loads(line) for line in lines if line.strip()]
-    done = next((e for e in reversed(events) if e.get("event") == "done"), {})
-    stage_end = {e["stage"]: e for e in events if e.get("event") == "train"}  # the last line of each stage
-    steps = done.get("steps", max((e["step"] for e in stage_end.values()), default=None))
-    train_s = done.get("train_s", sum(e["elapsed_s"] for e in stage_end.values()) if stage_end else None)
-    return steps, train_s
-
-
 def read_results(run_dir: Path, out_name: str) -> dict:
     """An evaluation's ``results.json``; the error says which ``rim eval`` writes it."""
-    path = run_dir / out_name / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not scored yet; `rim eval {run_dir}` (with --checkpoint best when the "
-                                "run selects on a split, --task T for an OOD task) writes it")
-    return json.loads(path.read_text(encoding="utf-8"))
+    results = RunDir(run_dir).read_results(out_name)
+    if results is None:
+        raise FileNotFoundError(f"{RunDir(run_dir).results_path(out_name)}: not scored yet; `rim eval {run_dir}` "
+                                "(with --checkpoint best when the run selects on a split, --task T for an OOD task) "
+                                "writes it")
+    return results
 
 
 def scored_ood(run_dir: Path, cfg: Config, checkpoint: str) -> dict[str, dict]:
     """The results of tasks other than the trained one that this checkpoint of the run has been scored on with the
     run's own settings (for ``--collect``), by task."""
     scored = {}
-    for path in sorted(run_dir.glob("eval-*/results.json")):
-        results = json.loads(path.read_text(encoding="utf-8"))
+    for name, results in RunDir(run_dir).all_results():
         task_name = results.get("task")
-        if (task_name and task_name != cfg.data.task and path.parent.name == eval_name(task_name, checkpoint)
+        if (task_name and task_name != cfg.data.task and name == eval_name(task_name, checkpoint)
                 and not_standard(results, cfg, checkpoint) is None):  # not one with other --max-eval, --blocks..
             scored[task_name] = results
     return scored
@@ -249,10 +245,10 @@ def read_run(run_dir: str | Path, ood: list[str] | None = None) -> dict:
     ``ood=None`` takes every OOD task already scored in the run.
     """
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config_path)
     checkpoint = checkpoint_of(cfg)
     results = read_results(run_dir, eval_name(None, checkpoint))
-    steps, train_s = train_stats(run_dir)
+    steps, train_s = RunDir(run_dir).train_stats()
     others = (scored_ood(run_dir, cfg, checkpoint) if ood is None
               else {t: read_results(run_dir, eval_name(t, checkpoint)) for t in ood})
     for task_name, scored in [(None, results), *others.items()]:

@@ -1,9 +1,14 @@
 """Typed experiment configuration: one YAML file per experiment, strict dotted overrides on the command line.
 
-    rim train configs/demo-rim.yaml train.batch_size=16 stages.grounding.lr=3e-4 method.blocks=6
+    rim train configs/cpu/mult4x4_rim.yaml train.batch_size=16 stages.grounding.lr=3e-4 method.blocks=6
 
 Unknown keys and values of the wrong type are errors that name the key. A stage is addressed by its name or its
 position (``stages.0.lr``). The resolved config is written to every run directory.
+
+A leaf of the package: it imports nothing of rim but ``rim.errors``, so every layer may import it. It owns the
+vocabularies of its keys (the choices below) and what it checks of each method (``METHOD_FACTS``); the modules that
+implement a choice import it from here. Task options are checked against the task's constructor by the data layer
+(``rim.data.tasks.check_task_options``), when a command makes the task, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,13 +22,56 @@ from typing import Any
 
 import yaml
 
+from rim.errors import ConfigError
 
 LATENT_METHODS = ("coconut", "codi")  # continuous thoughts fed back pass by pass (rim.methods.latent)
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")  # accelerate's names
+ON_ERROR = ("strict", "skip")  # data.on_error: what a loader does with a bad record (rim.data.records)
+TOO_LONG = ("skip", "truncate")  # data.too_long: what becomes of a training example over data.max_length
+STEP_SCHEDULES = ("linear", "constant")  # stages.*.step_weight: λ schedules (rim.core.curriculum)
+BLOCK_SCHEDULES = ("linear", "uniform", "last")  # stages.*.block_weight: α schedules (rim.core.curriculum)
+STAGE_KINDS = ("grounding", "refinement", "latent", "sft")
+CACHES = ("dynamic", "static")  # eval.cache: KV cache of decoding (rim.infer.generate)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # record CUDA graphs (on a GPU)
+COMPILE_SCOPES = ("blocks", "decoder")  # train.compile_scope (rim.models.adapter.compile_model)
+MEMORY_TOKENS = ("<b>", "<m>", "</b>")  # RiM's block start, memory token and block end
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the key."""
+@dataclass(frozen=True)
+class MethodFacts:
+    """What the config checks of a method (``method.name``), known without importing the method's module.
+
+    ``stage_kinds``: the curriculum stage kinds it trains with; ``memory_blocks``: it has one readout per memory
+    block (``Method.any_block``); ``own_forward``: it overrides ``Method.forward`` (so ``train.fused_loss``, which
+    fuses the standard forward with the loss, does not apply); ``special_tokens``: the tokens it adds to the
+    vocabulary (``Method.special_tokens``; loading a trained LoRA run adds them to its base model again).
+    ``rim.methods.base.register`` declares a plug-in's facts from its class and refuses a built-in class whose
+    facts differ from the ones here.
+    """
+
+    stage_kinds: tuple[str, ...] = ("sft",)
+    memory_blocks: bool = False
+    own_forward: bool = False
+    special_tokens: tuple[str, ...] = ()
+
+
+METHOD_FACTS: dict[str, MethodFacts] = {  # the built-in methods; plug-ins add theirs with declare_method
+    "nocot": MethodFacts(), "cot": MethodFacts(), "icot": MethodFacts(),
+    "pause": MethodFacts(special_tokens=("<pause>",)),
+    "coconut": MethodFacts(stage_kinds=("latent",), own_forward=True,
+                           special_tokens=("<bot>", "<thought>", "<eot>")),
+    "codi": MethodFacts(own_forward=True, special_tokens=("<bot>", "<thought>", "<eot>")),  # stage kinds: sft
+    "rim": MethodFacts(stage_kinds=("grounding", "refinement"), memory_blocks=True, special_tokens=MEMORY_TOKENS),
+}
+
+
+def declare_method(name: str, facts: MethodFacts) -> None:
+    """Make ``method.name: <name>`` valid in configs; a name declared with other facts is an error."""
+    known = METHOD_FACTS.get(name)
+    if known is not None and known != facts:
+        raise ValueError(f"method {name!r} is declared as {known}, its class says {facts}")
+    METHOD_FACTS[name] = facts
 
 
 @dataclass
@@ -275,8 +323,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def bad_compile(value: bool | str) -> str | None:
     """What ``eval.compile``, ``train.compile`` (or ``--compile-mode``) must be, when ``value`` is not that; None
     when it is. Imports dynamo (about a second) only for a name that is not one of the modes."""
-    from rim.infer.generate import COMPILE_MODES
-
     if isinstance(value, bool) or value in COMPILE_MODES:
         return None
     from torch._dynamo import list_backends
@@ -289,18 +335,12 @@ def bad_compile(value: bool | str) -> str | None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types cannot express."""
-    from rim.core.curriculum import BLOCK_SCHEDULES, STEP_SCHEDULES
-    from rim.data.records import ON_ERROR
-    from rim.infer.generate import CACHES, CUDA_GRAPH_MODES
-    from rim.methods.base import METHODS, TOO_LONG, Method, method_class
-    from rim.models.adapter import COMPILE_SCOPES
-
-    method_class("rim")  # registers the built-in methods
     compile_want, train_compile_want = bad_compile(cfg.eval.compile), bad_compile(cfg.train.compile)
     graphs = cfg.train.compile in CUDA_GRAPH_MODES
-    kinds = METHODS[cfg.method.name].stage_kinds if cfg.method.name in METHODS else ()
+    facts = METHOD_FACTS.get(cfg.method.name)
+    kinds = facts.stage_kinds if facts else ()
     checks = [
-        (cfg.method.name in METHODS, "method.name", f"one of {', '.join(sorted(METHODS))}"),
+        (facts is not None, "method.name", f"one of {', '.join(sorted(METHOD_FACTS))}"),
         (cfg.method.memory_tokens >= 1, "method.memory_tokens", ">= 1"),
         (cfg.method.pause_tokens is None or cfg.method.pause_tokens >= 1, "method.pause_tokens", ">= 1"),
         (cfg.method.thoughts_per_step >= 1, "method.thoughts_per_step", ">= 1"),
@@ -330,7 +370,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.precision in ("auto", "no", "bf16", "fp16"), "train.precision", "auto, no, bf16 or fp16"),
         (not (cfg.train.fsdp and cfg.train.precision == "fp16"), "train.precision",
          "auto, no or bf16 with train.fsdp (fp16 would need a sharded gradient scaler)"),
-        (cfg.method.readout_sees_question or (cfg.method.name in METHODS and METHODS[cfg.method.name].any_block),
+        (cfg.method.readout_sees_question or (facts is not None and facts.memory_blocks),
          "method.readout_sees_question", "true for methods without memory blocks (their answers are decoded under "
          "a causal mask, which shows the question; hiding it in training only would train another model)"),
         (not (cfg.train.fsdp and cfg.method.name in LATENT_METHODS), "train.fsdp",
@@ -351,8 +391,7 @@ def validate(cfg: Config) -> None:
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i}"
         checks += [
-            (stage.kind in ("grounding", "refinement", "latent", "sft"), f"{key}.kind",
-             "grounding, refinement, latent or sft"),
+            (stage.kind in STAGE_KINDS, f"{key}.kind", f"{', '.join(STAGE_KINDS[:-1])} or {STAGE_KINDS[-1]}"),
             ((stage.epochs is None) != (stage.steps is None), f"{key}.epochs/steps", "exactly one of the two set"),
             (stage.epochs is None or stage.epochs > 0, f"{key}.epochs", "> 0"),
             (stage.steps is None or stage.steps >= 1, f"{key}.steps", ">= 1"),
@@ -382,7 +421,7 @@ def validate(cfg: Config) -> None:
          f"false for {cfg.method.name} (its latent passes need the KV cache, which checkpointing turns off)"),
         (not cfg.train.fused_loss or cfg.train.supervised_logits, "train.fused_loss",
          "false when train.supervised_logits is false (it computes the loss at the supervised positions only)"),
-        (not cfg.train.fused_loss or METHODS.get(cfg.method.name, Method).forward is Method.forward,
+        (not cfg.train.fused_loss or not (facts and facts.own_forward),
          "train.fused_loss", f"false for {cfg.method.name} (its forward pass is not the standard one)"),
         (train_compile_want is None, "train.compile", train_compile_want),
         (cfg.train.compile_scope in COMPILE_SCOPES, "train.compile_scope", " or ".join(COMPILE_SCOPES)),
@@ -408,9 +447,6 @@ def validate(cfg: Config) -> None:
     for ok, key, want in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} must be {want}")
-    from rim.data.tasks import check_task_options
-
-    cfg.data.options = check_task_options(cfg.data.task, cfg.data.options)
     if cfg.model.train_mode == "auto":
         cfg.model.train_mode = "full" if cfg.model.name == "tiny" else "lora"
 

@@ -21,21 +21,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rim.config import Config, StageConfig, inference_blocks, load_config
+from rim.config import METHOD_FACTS, Config, StageConfig, inference_blocks, load_config
 from rim.core.curriculum import step_weight
 from rim.data.tasks import make_task
+from rim.rundir import RunDir, eval_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 MAX_BLOCKS = 16
-
-
-def read_events(run_dir: str | Path) -> list[dict]:
-    """Every record of the run's ``metrics.jsonl``, in order."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def stage_spans(events: list[dict]) -> list[tuple[str, int, int]]:
@@ -91,7 +86,7 @@ def draw_lambda(ax: Axes, stage: StageConfig, n_steps: int, lo: int, hi: int) ->
 
 def plot_loss(run_dir: str | Path, cfg: Config, path: Path) -> None:
     """Training loss per stage against the global step, stages shaded; λ of grounding stages on a twin axis."""
-    events = [e for e in read_events(run_dir) if e.get("event") == "train"]
+    events = [e for e in RunDir(run_dir).events() if e.get("event") == "train"]
     if not events:
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl: no train events; has `rim train` logged a step?")
     stages = {s.name: s for s in cfg.stages}
@@ -176,10 +171,9 @@ def block_accuracy_source(run_dir: str | Path, checkpoint: str, computed: dict) 
     """Each block's readout accuracy at the trained K: from the checkpoint's ``rim eval`` results when they have
     it at that K and split, else the first K entries of the K = 0..16 evaluation (a block's readout does not
     depend on K)."""
-    name = "eval" + ("" if checkpoint == "checkpoint" else "-" + checkpoint.replace("/", "_"))
-    path = Path(run_dir) / name / "results.json"
-    if path.is_file():
-        results = json.loads(path.read_text(encoding="utf-8"))
+    name = eval_name(None, checkpoint)
+    results = RunDir(run_dir).read_results(name)
+    if results is not None:
         # only an evaluation at the trained K on this split (rim eval --blocks/--split write into the same folder;
         # its n is shown)
         if (results.get("block_accuracy") and len(results["block_accuracy"]) == computed["trained_blocks"]
@@ -219,15 +213,13 @@ def plot_block_accuracy(blocks: dict, path: Path) -> None:
 def plot_run(run_dir: str | Path, split: str | None = None, max_eval: int | None = None,
              checkpoint: str = "checkpoint", device: str = "auto", max_blocks: int = MAX_BLOCKS) -> list[Path]:
     """Write the run's plots into ``RUN/plots/`` (see the module docstring); returns the files written."""
-    from rim.methods.base import method_class
-
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    out = run_dir / "plots"
+    cfg = load_config(RunDir(run_dir).config_path)
+    out = RunDir(run_dir).plots_dir
     out.mkdir(exist_ok=True)
     written = [out / "loss.png"]
     plot_loss(run_dir, cfg, written[0])
-    if not method_class(cfg.method.name).any_block:
+    if not METHOD_FACTS[cfg.method.name].memory_blocks:
         return written
     result = accuracy_vs_k(run_dir, split, max_eval, checkpoint, device, max_blocks)
     (out / "accuracy_vs_k.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

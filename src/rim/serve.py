@@ -22,6 +22,7 @@ from rim.data.tasks import Example, Task
 from rim.eval.evaluate import answer_budget, answer_times, training_reasoning
 from rim.eval.run import load_run
 from rim.methods.base import Method, TokenizedExample
+from rim.rundir import RunDir
 
 TITLES = {
     "rim": "Reasoning in Memory (RiM): the model reads K memory blocks appended to the question in the prefill and "
@@ -195,11 +196,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "checkpoi
 
 def training_summary(run_dir: Path) -> dict:
     """The last ``setup`` event of the run's metrics.jsonl (its number of training examples), or {}."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    setups = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if '"setup"' in line]
-    return next((e for e in reversed(setups) if e.get("event") == "setup"), {})
+    return RunDir(run_dir).last_event("setup")
 
 
 def _pct(value) -> str:
@@ -213,14 +210,13 @@ def _ms(value) -> str:
 def results_table(run_dir: Path) -> str:
     """Markdown table of every ``eval*/results.json`` of the run (single evaluations and the split protocol)."""
     rows = []
-    for path in sorted(run_dir.glob("eval*/results.json")):
-        r = json.loads(path.read_text(encoding="utf-8"))
+    for name, r in RunDir(run_dir).all_results():
         where = f"{r.get('task')} / {r.get('split')}"
         if "mean" in r:  # rim eval --protocol splits
             acc = f"{_pct(r['mean'])} +- {_pct(r['se'])} (mean +- SE, {r['n_splits']} splits)"
-            rows.append(f"| {path.parent.name} | {where} | protocol | {r['score_size']} | - | {acc} | - | - | - |")
+            rows.append(f"| {name} | {where} | protocol | {r['score_size']} | - | {acc} | - | - | - |")
         else:
-            rows.append(f"| {path.parent.name} | {where} | {r.get('checkpoint')} | {r['n']} | {r.get('blocks') or '-'} "
+            rows.append(f"| {name} | {where} | {r.get('checkpoint')} | {r['n']} | {r.get('blocks') or '-'} "
                         f"| {_pct(r['final_block_accuracy'])} | {_pct(r.get('any_block_accuracy'))} "
                         f"| {_ms(r.get('ttft_ms'))} | {r.get('device', '-')} |")
     if not rows:

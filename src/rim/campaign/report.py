@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from rim.compare import mean_se, read_run, write_report
+from rim.rundir import BEST, RunDir, eval_name
 
 
 def recovered_share(rows: dict[str, dict], rim: str = "rim", nocot: str = "nocot", cot: str = "cot"
@@ -45,8 +46,7 @@ def campaign_runs(root: Path) -> dict[str, dict[str, list[dict]]]:
         timing = run_dir / "timing.json"
         times = json.loads(timing.read_text(encoding="utf-8")) if timing.is_file() else {}
         record["ttft_ms"], record["latency_ms"] = times.get("ttft_ms"), times.get("latency_ms")
-        results = json.loads(next(run_dir.glob("eval-best/results.json"), run_dir / "eval/results.json")
-                             .read_text(encoding="utf-8"))
+        results = RunDir(run_dir).read_results(eval_name(None, BEST)) or RunDir(run_dir).read_results(eval_name())
         record["block_accuracy"] = results.get("block_accuracy")
         out.setdefault(job["task"], {}).setdefault(job["method"], []).append(record)
     return out

@@ -30,6 +30,7 @@ from pathlib import Path
 from rim.campaign.plan import Plan, mean_speeds, plan_budget, stage_steps
 from rim.campaign.spec import CampaignSpec, Job, load_campaign
 from rim.campaign.worker import write_json
+from rim.rundir import CONFIG, METRICS, RESULTS, RunDir
 
 MAX_FILE = 16 * 1024 * 1024 - 4096  # the device returns files under 16 MiB
 LOG_TAIL = 256 * 1024  # bytes of each process log that are packed
@@ -250,8 +251,7 @@ class Campaign:
 
     def time_runs(self, procs: list[Proc]) -> None:
         """Batch-1 timing of every run that has a scored checkpoint, alone on the device, until the pack margin."""
-        runs = [str(self.root / "runs" / p.label) for p in procs
-                if (self.root / "runs" / p.label / "checkpoint" / "rim.json").is_file()]
+        runs = [str(self.root / "runs" / p.label) for p in procs if RunDir(self.root / "runs" / p.label).finished()]
         if runs:
             timer = worker_proc("timing", "time", {"runs": runs, "examples": self.spec.timing.examples},
                                 self.root / "jobs")
@@ -262,7 +262,7 @@ class Campaign:
 def scored_problems(job: Job, selections: int) -> int:
     """Problems one job scores: selection (``selections`` times plus once per stage end), test and OOD."""
     from rim.data.tasks import make_task
-    from rim.train.loop import selection_problems
+    from rim.train.selection import selection_problems
 
     cfg = job.config()
     task = make_task(cfg.data.task, cfg.data.options)
@@ -339,7 +339,7 @@ def _add(tar: tarfile.TarFile, path: Path, name: str, tail: int | None = None) -
     tar.addfile(info, io.BytesIO(data))
 
 
-RESULT_FILES = ("config.yaml", "metrics.jsonl", "campaign-done.json", "timing.json", "calibration.json")
+RESULT_FILES = (CONFIG, METRICS, "campaign-done.json", "timing.json", "calibration.json")
 
 
 def _archive(out: Path, name: str, files: list[tuple[Path, str]], tail: int | None = None) -> str | None:
@@ -367,7 +367,7 @@ def pack(root: Path, out: Path) -> list[str]:
         rel = path.relative_to(root).as_posix()
         if not path.is_file() or "/checkpoint" in f"/{rel}" or "/best/" in f"/{rel}" or rel.endswith(".tmp"):
             continue  # weights stay on the device (a LoRA of rank 128 is over 100 MB a run)
-        if path.name in RESULT_FILES or path.name == "results.json":
+        if path.name in RESULT_FILES or path.name == RESULTS:
             results.append((path, rel))
         elif path.name == "predictions.jsonl":
             predictions.append((path, rel))

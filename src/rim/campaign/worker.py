@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from rim.config import inference_blocks, load_config
+from rim.rundir import RunDir
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -40,13 +41,12 @@ def train_job(job: dict) -> None:
 def calibrate_job(job: dict) -> None:
     """Train ``job``'s fixed steps, then score ``eval_examples`` problems without per-block readouts; the sample
     (steps, training seconds, problems, scoring seconds) goes to ``calibration.json`` in the run folder."""
-    from rim.compare import train_stats
     from rim.eval.run import eval_run
     from rim.train.loop import train
 
     cfg = load_config(job["config"], job["overrides"])
     run_dir = train(cfg)
-    steps, train_s = train_stats(run_dir)
+    steps, train_s = RunDir(run_dir).train_stats()
     split = cfg.eval.select_split or job["eval_split"]
     start = time.perf_counter()
     result = eval_run(run_dir, split=split, max_eval=job["eval_examples"], full=False, out_name="eval-calibration")
@@ -62,7 +62,7 @@ def time_run(run_dir: Path, examples: int) -> dict:
     from rim.eval.evaluate import answer_budget, measure_latency, training_reasoning
     from rim.eval.run import load_run
 
-    checkpoint = checkpoint_of(load_config(run_dir / "config.yaml"))
+    checkpoint = checkpoint_of(load_config(RunDir(run_dir).config_path))
     cfg, model, tokenizer, method, task = load_run(run_dir, checkpoint=checkpoint)
     blocks = inference_blocks(cfg)
     problems = task.load(cfg.data.eval_split)[:examples]

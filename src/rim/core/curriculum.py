@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-STEP_SCHEDULES = ("linear", "constant")
-BLOCK_SCHEDULES = ("linear", "uniform", "last")
+from rim.config import BLOCK_SCHEDULES, STEP_SCHEDULES
 
 
 def step_weight(t: torch.Tensor, n_steps: torch.Tensor, progress: float, schedule: str = "linear",

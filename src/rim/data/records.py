@@ -23,22 +23,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-ON_ERROR = ("strict", "skip")
+from rim.config import ON_ERROR
+from rim.errors import DataError
+
 SHOWN = 3  # bad records quoted in a skip warning
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or record) and what is wrong.
-
-    ``reason`` is the kind of problem, by which skipped records are counted: ``not UTF-8``, ``not JSON``,
-    ``missing field``, ``wrong type``, ``empty``, ``not a number``, ``bad format`` (or ``malformed``).
-    """
-
-    def __init__(self, message: str, reason: str = "malformed"):
-        super().__init__(message)
-        self.reason = reason
 
 
 def utf8(raw: bytes, start_of_file: bool = True) -> str:

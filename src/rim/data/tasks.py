@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from rim.config import ConfigError
+from rim.config import ConfigError, _check_type
 from rim.data.records import DataError, Records, field, parse_json, string_list
 
 COT_SEPARATOR = "####"
@@ -189,8 +189,6 @@ def check_task_options(name: str, options: dict) -> dict:
     """``data.task`` and ``data.options`` against the task's constructor: a ConfigError naming the key for an
     unknown task, an unknown or missing option or one of the wrong type; returns the options (ints made floats
     where a float is wanted)."""
-    from rim.config import _check_type
-
     tasks = task_classes()
     if name not in tasks:
         raise ConfigError(f"config key 'data.task' must be one of {', '.join(sorted(tasks))}, not {name!r}")

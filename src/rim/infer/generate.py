@@ -22,11 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rim.config import ConfigError
-
-CACHES = ("dynamic", "static")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # record CUDA graphs (on a GPU)
+from rim.config import CACHES, ConfigError
+from rim.models.adapter import compile_options
 STATIC_CHUNK = 64  # static caches are sized in multiples of this, so batches of similar length share one
 
 
@@ -91,11 +88,6 @@ def static_cache(model: nn.Module, batch: int, length: int, full_layers: bool = 
     cache = StaticCache(config=config, max_cache_len=key[1])
     _STATIC[model] = key, cache
     return cache
-
-
-def compile_options(how: str) -> dict[str, str]:
-    """``torch.compile``'s keyword for ``how``: an inductor mode, or else a backend."""
-    return {"mode": how} if how in COMPILE_MODES else {"backend": how}
 
 
 @functools.cache

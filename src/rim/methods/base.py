@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rim.config import DataConfig, MethodConfig, StageConfig
+from rim.config import DataConfig, MethodConfig, MethodFacts, StageConfig, declare_method
 from rim.core.batch import collate
 from rim.core.layout import Layout
 from rim.data.records import DataError
@@ -219,7 +219,10 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available to configs as ``method.name: <cls.name>``."""
+    """Class decorator: make a method available to configs as ``method.name: <cls.name>`` (its facts declared to
+    the config, which checks a config against them without importing the method)."""
+    declare_method(cls.name, MethodFacts(tuple(cls.stage_kinds), cls.any_block, cls.forward is not Method.forward,
+                                         tuple(cls.special_tokens)))
     METHODS[cls.name] = cls
     return cls
 
@@ -238,7 +241,6 @@ def make_method(cfg: MethodConfig, tokenizer) -> Method:
     return method_class(cfg.name)(cfg, tokenizer)
 
 
-TOO_LONG = ("skip", "truncate")  # data.too_long: what becomes of a training example over data.max_length
 
 
 def tokenize_training(method: Method, task: Task, tokenizer, examples: list[Example], data: DataConfig,

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rim.config import COMPILE_MODES, COMPILE_SCOPES, MEMORY_TOKENS
 from rim.core.fused_loss import fused_linear_cross_entropy
 from rim.core.layout import memory_block
 from rim.core.mask import additive_mask, attention_mask
 
-MEMORY_TOKENS = ("<b>", "<m>", "</b>")
 MASK_IGNORING_BACKENDS = ("flash_attention_2", "flash_attention_3", "paged_attention", "kernels-community")
 
 
@@ -386,9 +386,6 @@ def transformer_blocks(model: nn.Module, switch: str) -> list[nn.Module]:
     return blocks
 
 
-COMPILE_SCOPES = ("blocks", "decoder")
-
-
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The model without its LM head (HF ``get_decoder``: embeddings, blocks, final norm), through DDP and peft
     wrappers; an error naming ``train.compile_scope`` where the model has none apart from its head."""
@@ -400,6 +397,11 @@ def decoder_stack(model: nn.Module) -> nn.Module:
     return decoder
 
 
+def compile_options(how: str) -> dict[str, str]:
+    """``torch.compile``'s keyword for ``how``: an inductor mode, or else a backend."""
+    return {"mode": how} if how in COMPILE_MODES else {"backend": how}
+
+
 def compile_model(model: nn.Module, how: bool | str = True, scope: str = "blocks") -> int:
     """``torch.compile`` in place; returns how many modules were compiled. ``how``: True (the default mode), an
     inductor mode (``reduce-overhead`` records CUDA graphs, one set per batch shape) or a backend. ``scope``:
@@ -408,8 +410,6 @@ def compile_model(model: nn.Module, how: bool | str = True, scope: str = "blocks
     block, and fusion across blocks; a longer first compile). The head, the supervised-position gather and the
     loss stay eager: their shapes change every batch. What an earlier call compiled is undone first, so calls
     may switch scope or mode. Compiling in place keeps parameter names, so checkpoints are unaffected."""
-    from rim.infer.generate import compile_options
-
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, not {scope!r}")
     for module in model.modules():

@@ -4,27 +4,22 @@ RNG states and the best selection score; plus checkpoint integrity (a content ha
 A resumable checkpoint is a ``checkpoints/step-N`` folder: the weights as ``rim train`` always writes them
 (safetensors, or the peft adapter), ``trainer_state.pt`` (tensors and plain data only, read back with
 ``torch.load(weights_only=True)``), ``trainer_state.json`` (position, best score, resolved config) and
-``manifest.json`` (SHA-256 of every other file), written last: a folder without a valid manifest is not used.
+``manifest.json`` (SHA-256 of every other file), written last: a folder without a valid manifest is not used
+(``rim.rundir`` owns the folder names, the manifest and the atomic writes).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-MANIFEST = "manifest.json"
-STATE_PT, STATE_JSON = "trainer_state.pt", "trainer_state.json"
+from rim.errors import CheckpointError
+from rim.rundir import STATE_JSON, STATE_PT, verify
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, truncated or altered files); the message names it."""
 
 
 @dataclass
@@ -44,50 +39,6 @@ class Position:
     log_batches: int = 0
     log_tokens: int = 0
     train_s: float = 0.0  # training time up to here, summed over the processes' runs that got here (resumes)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder and the folder itself to disk (before it is renamed into place)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_manifest(folder: Path) -> None:
-    """Hash every file of a checkpoint folder into its manifest."""
-    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1), encoding="utf-8")
-
-
-def verify(folder: Path) -> None:
-    """Raise CheckpointError unless every file of the manifest is present with its hash."""
-    manifest = folder / MANIFEST
-    try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder}: no readable {MANIFEST} ({err}); the checkpoint is incomplete") from None
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        if sha256(path) != digest:
-            raise CheckpointError(f"{folder}: {name} does not match its hash (truncated or altered)")
 
 
 def capture_rng() -> dict:
@@ -124,24 +75,6 @@ def load_state(folder: Path) -> tuple[Position, dict, float, dict]:
         return Position(**meta["position"]), tensors, meta["best"], meta["config"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{folder}: unreadable trainer state ({err})") from None
-
-
-def resumable(run_dir: Path) -> list[Path]:
-    """The run's ``checkpoints/step-N`` folders that hold a trainer state, newest first."""
-    found = [p for p in (run_dir / "checkpoints").glob("step-*")
-             if re.fullmatch(r"step-\d+", p.name) and (p / STATE_JSON).is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
-
-
-def latest_valid(run_dir: Path, warn=print) -> Path | None:
-    """The newest resumable checkpoint that passes ``verify``; broken ones are reported and skipped."""
-    for folder in resumable(run_dir):
-        try:
-            verify(folder)
-            return folder
-        except CheckpointError as err:
-            warn(f"rim: skipping a broken checkpoint: {err}")
-    return None
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -64,7 +64,7 @@ def matmul_rate(device: torch.device, n: int | None = None, repeats: int = 10) -
     n = n or (8192 if cuda else 1024)
     dtype = torch.bfloat16 if cuda else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    from rim.bench import timed
+    from rim.bench.timing import timed
 
     seconds = statistics.median(timed(lambda: a @ b, device, 3, repeats))
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": 1e3 * seconds, "flops": 2 * n**3 / seconds}
@@ -126,8 +126,9 @@ def stage_cost(method: Method, model, examples: list[TokenizedExample], stage, b
     """Median step time of ``stage`` over ``batches`` (the first ``s.warmup`` untimed), and seconds per epoch."""
     from accelerate.utils import send_to_device
 
-    from rim.bench import peak_memory_mb, reset_peak_memory, sync, train_step
-    from rim.train.loop import stage_weights, step_loss
+    from rim.bench.timing import peak_memory_mb, reset_peak_memory, sync
+    from rim.bench.train import train_step
+    from rim.train.loss import stage_weights, step_loss
 
     rng = random.Random(s.seed)
     epochs = stage.epochs or 1.0
@@ -164,9 +165,9 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
     """Seconds per epoch of ``s.task``'s ``s.split`` for every recipe's method, stage by stage (see the module
     docstring). Fills ``out`` method by method and calls ``save`` after each: a run cut short keeps what it
     measured."""
-    from rim.bench import bench_tokens
+    from rim.bench.shapes import bench_tokens
     from rim.data.tasks import make_task
-    from rim.train.loop import adamw
+    from rim.train.optim import adamw
 
     out = {} if out is None else out
     recipes = load_recipes(s.recipes)
@@ -215,10 +216,10 @@ def recipe_model(shape_name: str, device: torch.device, seed: int, tokenizer, sp
     """A fresh model of the shape for one method, made trainable as ``rim train`` makes it (the method's own
     modules, CODI's projection, train in full; SIM-CoT's decoder joins the optimizer), and its trainable
     parameters."""
-    from rim.bench import SHAPES, build_model
+    from rim.bench.shapes import SHAPES, shape_model
     from rim.models.adapter import add_tokens, make_trainable, set_dropout
 
-    model, _ = build_model(SHAPES[shape_name], device, seed)
+    model, _ = shape_model(SHAPES[shape_name], device, seed)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_ids = add_tokens(tokenizer, model, specials)
     own = method.extend_model(model)
@@ -251,11 +252,12 @@ def bench_sweep(model, tokenizer, new_ids: list[int], settings, s: CostSettings,
     """Tokens/s, MFU (measured) and peak memory of the plain step and RiM's step (supervised logits, grounding
     layouts as ``rim bench train``) at each batch of ``s.sweep_batches``; the first batch that does not fit ends
     the sweep (a larger one would not fit either)."""
-    from rim.bench import (method_config, peak_memory_mb, reset_peak_memory, step_losses, synthetic_examples, timed,
-                           train_step)
+    from rim.bench.shapes import method_config, synthetic_examples
+    from rim.bench.timing import peak_memory_mb, reset_peak_memory, timed
+    from rim.bench.train import step_losses, train_step
     from rim.config import StageConfig
     from rim.models.adapter import make_trainable, set_dropout
-    from rim.train.loop import adamw
+    from rim.train.optim import adamw
 
     n_params = sum(p.numel() for p in model.parameters())
     model = make_trainable(model, new_ids, mode, lora_rank=128)
