@@ -72,6 +72,7 @@ def test_train_eval_show_layout_through_cli(tmp_path):
     assert "block 1" in done.stdout and "readout 1" in done.stdout and "#." in done.stdout
 
 
+@pytest.mark.slow
 def test_cli_errors_name_the_key(tmp_path):
     done = rim("train", str(write_config(tmp_path)), "train.batchsize=4")
     assert done.returncode == 2 and "'train.batchsize'" in done.stderr

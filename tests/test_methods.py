@@ -320,6 +320,7 @@ def masked_decodes(method, model, questions: list[list[int]], blocks: int, eos_i
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("sees_question", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
