@@ -33,6 +33,7 @@ def decodes(generate, prompts, **options) -> list[list[int]]:
     return runs[0].tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_decodes_like_dynamic_and_uncached_with_padding_and_early_stop(family):
     model, tok, mem = make_tiny(family)
