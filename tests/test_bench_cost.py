@@ -9,8 +9,8 @@ import math
 import pytest
 
 from rim.bench import SHAPES, Shape
-from rim.bench.report import ratios
 from rim.bench.cost import CostSettings, bench_epoch, epoch_ratios, real_tokens, sampled_batches
+from rim.bench.report import ratios
 from rim.cli import main
 from rim.config import load_config
 from rim.data.tasks import make_task

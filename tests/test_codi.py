@@ -17,7 +17,7 @@ from rim.methods.codi import PROJECTION, distillation_loss
 from rim.methods.coconut import BOT, EOT, THOUGHT
 from rim.methods.latent import latent_passes
 from rim.methods.simcot import step_targets
-from rim.train.loop import stage_weights
+from rim.train.loss import stage_weights
 from test_methods import EXAMPLE, TASK, setup, spread, tiny_config, words
 
 SFT = StageConfig(name="sft", kind="sft", steps=1)
@@ -225,7 +225,7 @@ def test_step_supervision_adds_exactly_the_weighted_step_term_to_coconut():
     weights = stage_weights(batch, stage, 0.0)
     with torch.no_grad():
         assert plain.loss(model, batch, weights) is None  # the standard loss
-        from rim.train.loop import step_loss
+        from rim.train.loss import step_loss
 
         step = method.loss(model, batch, weights) - step_loss(plain, model, batch, weights)
         thoughts = latent_passes(model, batch, use_cache=False).thoughts
