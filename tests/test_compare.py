@@ -274,5 +274,5 @@ def test_demo_trains_the_packaged_specs_entries_afresh(tmp_path, monkeypatch):
         assert (ood, retrain, advise) == ([], True, False)
     assert [r["method"] for r in rows] == ["rim", "nocot"] and "extra" not in rows[0]
     assert json.loads((tmp_path / "demo/results.json").read_text()) == rows
-    with pytest.raises(FileNotFoundError, match="no demo config for method 'codi'"):
-        rim.demo.run_demo(tmp_path / "demo", methods=("codi",))
+    with pytest.raises(FileNotFoundError, match="no demo config for method 'quiet-star'"):
+        rim.demo.run_demo(tmp_path / "demo", methods=("quiet-star",))

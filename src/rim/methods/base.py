@@ -169,7 +169,7 @@ class Method:
     def loss(self, model, batch: dict[str, torch.Tensor], weights: torch.Tensor, supervised_logits: bool = True
              ) -> torch.Tensor | None:
         """The training loss of a batch where the method has its own (CODI's distillation, SIM-CoT's step decoding),
-        else None: the weighted readout loss of ``forward``'s logits (``rim.train.loop.step_loss``). ``weights``: the
+        else None: the weighted readout loss of ``forward``'s logits (``rim.train.loss.step_loss``). ``weights``: the
         per-token loss weights (B, L) of the batch's labels."""
         return None
 
