@@ -85,6 +85,7 @@ def test_demo_task_yaml_names_the_demo_configs_data():
                                                               spec["rim_split"]), label
 
 
+@pytest.mark.slow  # reads every task's full data files (about 18 s)
 def test_every_shipped_task_loads_rims_problems(monkeypatch):
     """Each YAML gives its rim task's split in rim's order, with the question alone as the prompt."""
     from lm_eval.tasks import TaskManager
