@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from rim.config import load_config
-from rim.methods.base import Method, TokenizedExample, make_method
+from rim.methods.base import Method, TokenizedExample, make_method, method_class
 
 PAPER_RECIPES = tuple(f"configs/paper/gsm8k-aug_gpt2_{m}.yaml" for m in ("nocot", "cot", "pause", "icot",
                                                                            "coconut", "codi", "rim"))
@@ -176,7 +176,7 @@ def bench_epoch(shape_name: str, device: torch.device, s: CostSettings, mode: st
     steps_per_epoch = math.ceil(len(problems) / s.batch)
     problems = problems[: s.max_examples]
     specials = tuple(dict.fromkeys((*bench_tokens(), *(t for cfg in recipes for t in
-                                                         make_method_class(cfg.method.name).special_tokens))))
+                                                         method_class(cfg.method.name).special_tokens))))
     tokenizer = load_tokenizer(s, task, specials)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -228,12 +228,6 @@ def recipe_model(shape_name: str, device: torch.device, seed: int, tokenizer, sp
     model.train()
     method.prepare_training(model)
     return model, [p for p in model.parameters() if p.requires_grad] + list(method.training_parameters())
-
-
-def make_method_class(name: str):
-    from rim.methods.base import method_class
-
-    return method_class(name)
 
 
 def epoch_ratios(methods: dict) -> dict[str, float]:

@@ -283,23 +283,12 @@ def icot_delta(job: Job, steps: int, remove_by: float) -> float:
     cfg = job.config()
     task = make_task(cfg.data.task, cfg.data.options)
     examples = task.load(cfg.data.train_split)[: cfg.data.max_train]
-    tokenizer = tokenizer_of(cfg, task)
+    from rim.models.load import base_tokenizer
+
+    tokenizer = base_tokenizer(cfg.model, task)
     longest = max(len(split_cot(task, tokenizer, ex)[0]) for ex in examples[:2000])
     epochs = steps * cfg.train.batch_size * cfg.train.grad_accum / len(examples)
     return longest / (remove_by * epochs)
-
-
-def tokenizer_of(cfg, task):
-    """The tokenizer a config trains with (the tiny model's word tokenizer, or the model's own)."""
-    if cfg.model.name == "tiny":
-        from rim.models.tiny import word_tokenizer
-
-        return word_tokenizer(task.vocabulary())
-    from transformers import AutoTokenizer
-
-    from rim.models.hub import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name))
 
 
 def environment() -> dict:

@@ -19,26 +19,39 @@ from rim.models.adapter import MEMORY_TOKENS, add_tokens, check_custom_mask_supp
 
 def load_base(cfg: ModelConfig, task: Task | None = None, seed: int = 0) -> tuple[nn.Module, object]:
     """The pretrained (or, for ``tiny``, freshly initialised from ``seed``) model and its tokenizer, in float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if cfg.init_from is not None:
         return load_trained(cfg.init_from)
+    tokenizer = base_tokenizer(cfg, task)
     if cfg.name == "tiny":
-        from rim.models.tiny import tiny_model, word_tokenizer
+        from rim.models.tiny import tiny_model
 
-        if task is None:
-            raise ValueError("model.name=tiny builds its tokenizer from the task's vocabulary; no task given")
-        tokenizer = word_tokenizer(task.vocabulary())
         model = tiny_model(len(tokenizer), cfg.tiny_family, cfg.tiny_layers, cfg.tiny_hidden, cfg.tiny_heads,
                            attn_implementation=cfg.attn_implementation, seed=seed)
         return model, tokenizer
     from rim.models.hub import resolve_model_path
 
     path = resolve_model_path(cfg.name)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
                                                  trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer
+
+
+def base_tokenizer(cfg: ModelConfig, task: Task | None = None):
+    """The tokenizer of the base model: for ``tiny`` the word tokenizer of the task's vocabulary, else the model's
+    own (before any special tokens are added)."""
+    if cfg.name == "tiny":
+        from rim.models.tiny import word_tokenizer
+
+        if task is None:
+            raise ValueError("model.name=tiny builds its tokenizer from the task's vocabulary; no task given")
+        return word_tokenizer(task.vocabulary())
+    from transformers import AutoTokenizer
+
+    from rim.models.hub import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code)
 
 
 def load_trained(run_dir: str) -> tuple[nn.Module, object]:
