@@ -84,7 +84,8 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     from rim.data.tasks import make_task
     from rim.methods.base import make_method, method_class
     from rim.models.load import build_model
-    from rim.train.log import describe_layout
+    from rim.config import RL
+    from rim.train.log import describe_layout, describe_prompt
 
     cfg = load_config(args.config, args.overrides)
     task = make_task(cfg.data.task, cfg.data.options, on_error=cfg.data.on_error)
@@ -93,7 +94,8 @@ def cmd_show_layout(args: argparse.Namespace) -> None:
     example = method.tokenize(task, tokenizer, task.load(cfg.data.train_split)[args.index], cfg.data.prompt_format)
     for stage in cfg.stages:
         print(f"== stage {stage.name} ({stage.kind}), loss weights at stage progress {args.progress} ==")
-        print(describe_layout(method.train_layout(example, stage), tokenizer, stage,
+        print(describe_prompt(method, example, stage, tokenizer) if stage.kind == RL else
+              describe_layout(method.train_layout(example, stage), tokenizer, stage,
                               cfg.method.readout_sees_question, args.progress))
 
 

@@ -30,7 +30,8 @@ ON_ERROR = ("strict", "skip")  # data.on_error: what a loader does with a bad re
 TOO_LONG = ("skip", "truncate")  # data.too_long: what becomes of a training example over data.max_length
 STEP_SCHEDULES = ("linear", "constant")  # stages.*.step_weight: λ schedules (rim.core.curriculum)
 BLOCK_SCHEDULES = ("linear", "uniform", "last")  # stages.*.block_weight: α schedules (rim.core.curriculum)
-STAGE_KINDS = ("grounding", "refinement", "latent", "sft")
+STAGE_KINDS = ("grounding", "refinement", "latent", "sft", "rl")
+RL = "rl"  # the stage kind that trains the answer by reinforcement learning (GRPO; rim.train.rl)
 CACHES = ("dynamic", "static")  # eval.cache: KV cache of decoding (rim.infer.generate)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # record CUDA graphs (on a GPU)
@@ -57,12 +58,13 @@ class MethodFacts:
 
 
 METHOD_FACTS: dict[str, MethodFacts] = {  # the built-in methods; plug-ins add theirs with declare_method
-    "nocot": MethodFacts(), "cot": MethodFacts(), "icot": MethodFacts(),
-    "pause": MethodFacts(special_tokens=("<pause>",)),
+    "nocot": MethodFacts(stage_kinds=("sft", RL)), "cot": MethodFacts(stage_kinds=("sft", RL)),
+    "icot": MethodFacts(stage_kinds=("sft", RL)),
+    "pause": MethodFacts(stage_kinds=("sft", RL), special_tokens=("<pause>",)),
     "coconut": MethodFacts(stage_kinds=("latent",), own_forward=True,
                            special_tokens=("<bot>", "<thought>", "<eot>")),
     "codi": MethodFacts(own_forward=True, special_tokens=("<bot>", "<thought>", "<eot>")),  # stage kinds: sft
-    "rim": MethodFacts(stage_kinds=("grounding", "refinement"), memory_blocks=True, special_tokens=MEMORY_TOKENS),
+    "rim": MethodFacts(stage_kinds=("grounding", "refinement", RL), memory_blocks=True, special_tokens=MEMORY_TOKENS),
 }
 
 
@@ -143,7 +145,8 @@ class MethodConfig:
 @dataclass
 class StageConfig:
     """One curriculum stage. ``kind``: grounding (RiM stage 1), refinement (RiM stage 2), latent (Coconut stage
-    ``latent_steps``) or sft (the other methods)."""
+    ``latent_steps``), sft (the other methods) or rl (GRPO on the answer after the inference prompt, for every
+    method that decodes a plain prompt: ``rim.train.rl``; its own keys are ``group_size`` to ``scale_rewards``)."""
 
     name: str = "sft"
     kind: str = "sft"
@@ -159,6 +162,10 @@ class StageConfig:
     blocks: int | None = None  # K for refinement; None: method.blocks
     reset_optimizer: bool = True  # fresh optimizer moments at this stage's start (each stage has its own warm-up)
     latent_steps: int | None = None  # latent stages: leading steps replaced by continuous thoughts
+    group_size: int = 8  # rl: completions sampled per prompt (GRPO's group; train.batch_size prompts per batch)
+    kl_weight: float = 0.04  # rl: β of the KL penalty to the policy at the stage's start (0: none, no reference kept)
+    temperature: float = 1.0  # rl: sampling temperature of the completions (their log-probabilities use it too)
+    scale_rewards: bool = True  # rl: divide each group's advantages by its reward std (GRPO); false: Dr. GRPO
 
 
 @dataclass
@@ -405,7 +412,19 @@ def validate(cfg: Config) -> None:
             (stage.blocks is None or stage.blocks >= 1, f"{key}.blocks", ">= 1"),
             (not kinds or stage.kind in kinds, f"{key}.kind", f"one of {', '.join(kinds)} for {cfg.method.name}"),
             (stage.latent_steps is None or stage.latent_steps >= 0, f"{key}.latent_steps", ">= 0"),
+            (stage.group_size >= 2, f"{key}.group_size", ">= 2 (GRPO's advantages compare completions of a prompt)"),
+            (stage.kl_weight >= 0, f"{key}.kl_weight", ">= 0"),
+            (stage.temperature > 0, f"{key}.temperature", "> 0"),
         ]
+        if stage.kind == RL:
+            checks += [
+                (cfg.method.readout_sees_question, "method.readout_sees_question",
+                 f"true with an rl stage ({key}): its completions are sampled after the plain inference prompt"),
+                (not cfg.train.fsdp, "train.fsdp", f"false with an rl stage ({key}; sampling from sharded weights is "
+                 "untested)"),
+                (not graphs, "train.compile", f"not a CUDA-graph mode with an rl stage ({key}): its sequences change "
+                 "length with every sampled batch"),
+            ]
     checks += [
         (cfg.eval.select_split not in ("test", cfg.data.eval_split), "eval.select_split",
          "a split other than the scored one (the test split is never used for selection)"),

@@ -131,8 +131,11 @@ def check_positions(limit: int | None, needed: int) -> None:
 def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                     use_cache: bool = True, latents: int = 0, after_latents: list[int] | None = None,
                     cache: str = "dynamic", compile: bool | str = False, hidden: list[int] | None = None,
-                    project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Generation:
-    """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch.
+                    project: Callable[[torch.Tensor], torch.Tensor] | None = None, temperature: float = 0.0
+                    ) -> Generation:
+    """Greedy-decode up to ``max_new_tokens`` after each prompt, in one batch (or, with ``temperature`` > 0, sample
+    each token from softmax(logits / temperature), drawing from torch's default generator of the model's device: what
+    the rl stage samples its completions with).
 
     ``latents`` > 0 (continuous thoughts, e.g. Coconut): after the prompt, that many positions take the previous
     position's last hidden state as their input embedding, then the ``after_latents`` tokens follow, and only then
@@ -199,7 +202,9 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
             else:
                 pending = as_input(torch.tensor([after_latents] * batch, device=device))
         else:
-            next_token = out.logits[:, -1].argmax(-1).masked_fill(done, eos_id)  # (B,)
+            last = out.logits[:, -1]
+            next_token = (torch.multinomial(torch.softmax(last.float() / temperature, dim=-1), 1)[:, 0]
+                          if temperature > 0 else last.argmax(-1)).masked_fill(done, eos_id)  # (B,)
             out_tokens[:, len(step_s)] = next_token
             done |= next_token == eos_id
             finished = bool(done.all())  # one host sync per token: the price of stopping early

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rim.config import DataConfig, MethodConfig, MethodFacts, StageConfig, declare_method
+from rim.config import RL, DataConfig, MethodConfig, MethodFacts, StageConfig, declare_method
 from rim.core.batch import collate
 from rim.core.layout import Layout
 from rim.data.records import DataError
@@ -128,7 +128,7 @@ class Method:
     any_block = False
     dynamic = False
     special_tokens: tuple[str, ...] = ()
-    stage_kinds: tuple[str, ...] = ("sft",)
+    stage_kinds: tuple[str, ...] = ("sft", RL)  # rl: for methods whose inference is a prompt + plain decoding
     cache = "dynamic"
     compile: bool | str = False
     stage: StageConfig | None = None
@@ -283,8 +283,9 @@ def tokenize_training(method: Method, task: Task, tokenizer, examples: list[Exam
 
 def training_length(method: Method, ex: TokenizedExample, stages: list[StageConfig]) -> int:
     """Tokens of an example's longest training sequence over ``stages`` (a dynamic method's at the start of a
-    stage, where it is longest)."""
-    return max(len(method.train_layout(ex, stage)) for stage in stages)
+    stage, where it is longest; an rl stage's prompt, which its sampled completions follow)."""
+    return max(len(method.prompt(ex, stage.blocks or method.cfg.blocks)) if stage.kind == RL
+               else len(method.train_layout(ex, stage)) for stage in stages)
 
 
 def truncate_question(method: Method, task: Task, tokenizer, ex: TokenizedExample, max_length: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from rim.config import RL
 from rim.core.batch import collate
 from rim.core.layout import (BLOCK, QUESTION, Readout, build_layout, grounding_readouts, inference_prompt,
                              memory_block, refinement_readouts)
@@ -22,7 +23,7 @@ class RiM(Method):
     name = "rim"
     any_block = True
     special_tokens = MEMORY_TOKENS
-    stage_kinds = ("grounding", "refinement")
+    stage_kinds = ("grounding", "refinement", RL)
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -34,7 +35,7 @@ class RiM(Method):
         elif stage.kind == "refinement":
             readouts = refinement_readouts(ex.answer, stage.blocks or self.cfg.blocks, len(ex.steps))
         else:
-            raise ValueError(f"RiM has grounding and refinement stages, not {stage.kind!r}")
+            raise ValueError(f"RiM lays out grounding and refinement stages, not {stage.kind!r}")
         return build_layout(ex.question, [self.block] * len(readouts), readouts, self.eos_id)
 
     def prompt(self, ex, blocks):

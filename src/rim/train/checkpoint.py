@@ -86,6 +86,7 @@ class Checkpointer:
     def __init__(self, cfg: Config, run: RunDir, tokenizer, accelerator, selector: Selector):
         self.cfg, self.run, self.tokenizer, self.accelerator, self.selector = cfg, run, tokenizer, accelerator, selector
         self.stage = 0  # index of the stage being trained (run_stage sets it)
+        self.stage_state: dict = {}  # what the stage needs back on resume (run_stage sets it: an rl reference)
 
     @property
     def best(self) -> float:
@@ -124,7 +125,8 @@ class Checkpointer:
                    else optimizer.state_dict())
 
         def state(folder: Path) -> None:
-            save_state(folder, pos, moments, scheduler, self.best, config, self.accelerator.num_processes)
+            save_state(folder, pos, moments, scheduler, self.best, config, self.accelerator.num_processes,
+                       self.stage_state)
 
         save_checkpoint(model, self.tokenizer, self.cfg, self.run.step_folder(pos.step), self.accelerator,
                         {"step": pos.step, **self.trained_in()}, state)

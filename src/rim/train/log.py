@@ -10,6 +10,7 @@ from rim.core.show import format_layout
 from rim.rundir import RunDir
 from rim.train.loss import stage_weights
 
+RL_STATS = ("reward", "signal", "completion_tokens", "ended", "kl")  # what an rl stage's train events add
 
 class RunLog:
     """JSONL metrics (always) and, through ``accelerator``, the configured trackers (TensorBoard, W&B, ...): the
@@ -24,7 +25,8 @@ class RunLog:
             self.run.append_event(record)
         if self.accelerator is not None and self.accelerator.trackers:
             if record.get("event") == "train":
-                self.accelerator.log({f"loss/{record['stage']}": record["loss"], "lr": record["lr"]},
+                extra = {f"rl/{key}": record[key] for key in RL_STATS if key in record}
+                self.accelerator.log({f"loss/{record['stage']}": record["loss"], "lr": record["lr"], **extra},
                                      step=record["step"])
             elif record.get("event") == "select":
                 self.accelerator.log({f"select/{record['split']}_accuracy": record["accuracy"]}, step=record["step"])
@@ -37,6 +39,14 @@ def describe_layout(layout: Layout, tokenizer, stage: StageConfig, sees_question
     labels = [tokenizer.convert_ids_to_tokens(t) if t != IGNORE else "" for t in layout.labels]
     weights = stage_weights(collate([layout], pad_id=0), stage, progress)[0].tolist()
     return format_layout(layout, tokens, labels, weights, sees_question)
+
+
+def describe_prompt(method, example, stage: StageConfig, tokenizer) -> str:
+    """An rl stage's view of an example: the inference prompt its completions are sampled after, and the reward."""
+    prompt = method.prompt(example, stage.blocks or method.cfg.blocks)
+    return (f"prompt ({len(prompt)} tokens): {' '.join(tokenizer.convert_ids_to_tokens(prompt))}\n"
+            f"then {stage.group_size} completions sampled at temperature {stage.temperature}; reward 1 where the "
+            f"answer is correct ({example.example.answer!r}), else 0; GRPO loss, KL weight {stage.kl_weight}")
 
 
 def flat_config(cfg: Config) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rim.config import CUDA_GRAPH_MODES, Config, StageConfig, save_config, to_dict
+from rim.config import CUDA_GRAPH_MODES, RL, Config, StageConfig, save_config, to_dict
 from rim.data.tasks import Task, check_task_options, make_task
 from rim.errors import CheckpointError, ConfigError, Interrupted, NonFiniteLoss
 from rim.eval.evaluate import longest_cot
@@ -29,9 +29,10 @@ from rim.models.adapter import compile_model, enable_gradient_checkpointing, mak
 from rim.models.load import build_model
 from rim.rundir import RunDir, step_name
 from rim.train.checkpoint import Checkpointer, load_weights, resume_point
-from rim.train.log import RunLog, describe_layout, flat_config
+from rim.train.log import RunLog, describe_layout, describe_prompt, flat_config
 from rim.train.loss import stage_weights, step_loss
 from rim.train.optim import keyed_optimizer_state, stage_optimizer
+from rim.train.rl import GRPO
 from rim.train.sampling import StagePlan, plan_stage
 from rim.train.selection import Selector, check_selection, selection_problems
 from rim.train.sharding import is_sharded, shard_model
@@ -73,6 +74,7 @@ class Training:
     clock: the run's training time before this process started it (``before``) and the ``perf_counter`` then."""
 
     cfg: Config
+    task: Task
     model: torch.nn.Module
     method: Method
     data: list[TokenizedExample]
@@ -89,8 +91,9 @@ class Training:
 @dataclass
 class Window:
     """The logging window since the last ``train`` line: summed micro-batch losses and their count, this process's
-    tokens in the stage (``tokens``) and since the last line (``recent``, for tokens/s, from ``started``), and
-    whether a loss was non-finite since the last check (a device flag, read at log steps only)."""
+    tokens in the stage (``tokens``) and since the last line (``recent``, for tokens/s, from ``started``), whether a
+    loss was non-finite since the last check (a device flag, read at log steps only), and summed statistics
+    besides the loss (``stats``: an rl stage's reward and the like, host numbers)."""
 
     loss_sum: torch.Tensor
     batches: int
@@ -98,20 +101,31 @@ class Window:
     recent: int
     started: float
     bad: torch.Tensor
+    stats: dict
 
     @classmethod
     def at(cls, pos: Position, resumed: bool, device) -> Window:
         """The window a stage starts with: continued from the checkpoint when resuming."""
         loss, batches, tokens = (pos.log_loss, pos.log_batches, pos.log_tokens) if resumed else (0.0, 0, 0)
         return cls(torch.tensor(loss, device=device), batches, tokens, 0, time.perf_counter(),
-                   torch.zeros((), dtype=torch.bool, device=device))
+                   torch.zeros((), dtype=torch.bool, device=device), dict(pos.log_stats) if resumed else {})
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, stats: dict | None = None) -> None:
         self.bad |= ~torch.isfinite(loss.detach())
         self.loss_sum += loss.detach()
         self.batches += 1
         self.tokens += tokens
         self.recent += tokens
+        for key, value in (stats or {}).items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
+
+    def mean_stats(self, accelerator, divide: bool = True) -> dict[str, float]:
+        """The window's statistics averaged over its micro-batches (``divide``; else their sums) and processes."""
+        if not self.stats:
+            return {}
+        values = torch.tensor(list(self.stats.values()), dtype=torch.float64, device=accelerator.device)
+        values = accelerator.reduce(values / (self.batches if divide else 1), "mean").tolist()
+        return dict(zip(self.stats, values))
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = None) -> Path:
@@ -166,7 +180,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: str | None = N
     if accelerator.is_main_process:
         write_layouts(run, cfg, method, data[0], tokenizer)
     with StopSignals() as stop:
-        training = Training(cfg, model, method, data, tokenizer, accelerator, log, checkpointer, stop, pos,
+        training = Training(cfg, task, model, method, data, tokenizer, accelerator, log, checkpointer, stop, pos,
                             before=pos.train_s, start=time.perf_counter())  # before: up to the resumed checkpoint
         optimizer = None
         while pos.stage < len(cfg.stages):
@@ -251,9 +265,12 @@ def log_start(log: RunLog, task: Task, start_from: Path | None, step: int, diff:
 
 
 def write_layouts(run: RunDir, cfg: Config, method: Method, example: TokenizedExample, tokenizer) -> None:
-    """``layout.txt``: one decoded training example per stage, with the loss weights at the stage's start."""
+    """``layout.txt``: one decoded training example per stage, with the loss weights at the stage's start (an rl
+    stage: its prompt)."""
     views = [f"== stage {stage.name} ({stage.kind}), loss weights at the start of the stage ==\n"
-             + describe_layout(method.train_layout(example, stage), tokenizer, stage, cfg.method.readout_sees_question)
+             + (describe_prompt(method, example, stage, tokenizer) if stage.kind == RL
+                else describe_layout(method.train_layout(example, stage), tokenizer, stage,
+                                     cfg.method.readout_sees_question))
              for stage in cfg.stages]
     run.layout_path.write_text("\n\n".join(views) + "\n", encoding="utf-8")
 
@@ -269,6 +286,11 @@ def run_stage(t: Training, stage: StageConfig, optimizer=None, resumed: dict | N
     first_step = pos.step - pos.stage_step
     t.checkpointer.stage = pos.stage
     plan = plan or plan_stage(cfg, stage, t.data, t.method, accelerator, pos)
+    rl = None  # an rl stage samples its batches; its reference comes back from a checkpoint inside the stage
+    if stage.kind == RL:
+        reference = resumed.get("rl_reference") if resumed is not None and pos.stage_step else None
+        rl = GRPO(cfg, stage, t.task, t.method, t.tokenizer, model, accelerator, t.data, reference)
+    t.checkpointer.stage_state = rl.state() if rl is not None else {}
     accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     steps_per_epoch = math.ceil(len(plan.loader) / accumulate)
     graphs = cfg.train.compile in CUDA_GRAPH_MODES
@@ -295,16 +317,21 @@ def run_stage(t: Training, stage: StageConfig, optimizer=None, resumed: dict | N
         for i, indices in enumerate(plan.loader):
             if i < skip:
                 continue
-            batch = t.method.collate([plan.layouts.layout(j, step / steps_per_epoch, pos.epoch) for j in indices],
-                                     t.tokenizer.pad_token_id, cfg.train.pad_to_multiple or 1)
-            batch = send_to_device(batch, accelerator.device, non_blocking=True)  # no stream sync per step
+            if rl is None:
+                batch = t.method.collate([plan.layouts.layout(j, step / steps_per_epoch, pos.epoch) for j in indices],
+                                         t.tokenizer.pad_token_id, cfg.train.pad_to_multiple or 1)
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)  # no stream sync per step
+                tokens, stats = batch["input_ids"].numel(), None
             if graphs:  # the graphs' outputs of the last step are no longer needed
                 torch.compiler.cudagraph_mark_step_begin()
             with accelerator.accumulate(model):
                 if is_sharded(model):  # accelerate's accumulate knows DDP's no_sync, not FSDP2's switch
                     model.set_requires_gradient_sync(accelerator.sync_gradients)
-                loss = step_loss(t.method, model, batch, stage_weights(batch, stage, step / plan.total),
-                                 cfg.train.supervised_logits, cfg.train.fused_loss)
+                if rl is None:
+                    loss = step_loss(t.method, model, batch, stage_weights(batch, stage, step / plan.total),
+                                     cfg.train.supervised_logits, cfg.train.fused_loss)
+                else:  # sampled now, from the weights of this step
+                    loss, tokens, stats = rl.loss(model, [t.data[j] for j in indices])
                 # accelerate divides every micro-batch's loss by the accumulation count; an epoch's last step
                 # may have fewer micro-batches, whose gradient is then their mean too, not scaled down
                 group = min(accumulate, len(plan.loader) - i // accumulate * accumulate)
@@ -315,7 +342,7 @@ def run_stage(t: Training, stage: StageConfig, optimizer=None, resumed: dict | N
                                                 cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=not stable_grads)
-            window.add(loss, batch["input_ids"].numel())
+            window.add(loss, tokens, stats)
             pos.batch = i + 1
             if pos.batch == len(plan.loader):
                 pos.epoch, pos.batch = pos.epoch + 1, 0
@@ -353,9 +380,10 @@ def after_step(t: Training, stage: StageConfig, optimizer, scheduler, window: Wi
         pos.train_s = t.before + time.perf_counter() - t.start
         pos.log_loss = accelerator.reduce(window.loss_sum, "mean").item() if window.batches else 0.0
         pos.log_batches, pos.log_tokens = window.batches, window.tokens
+        pos.log_stats = window.mean_stats(accelerator, divide=False)
     if stage_end:  # a checkpoint here resumes at the start of the next stage
         pos.stage, pos.stage_step, pos.epoch, pos.batch = pos.stage + 1, 0, 0, 0
-        pos.log_loss, pos.log_batches, pos.log_tokens = 0.0, 0, 0
+        pos.log_loss, pos.log_batches, pos.log_tokens, pos.log_stats = 0.0, 0, 0, {}
     t.checkpointer.on_step(t.model, pos, optimizer, scheduler, stage_end)
     if logs or works:  # the next window starts here: selection and checkpoints are not training
         window.recent, window.started = 0, time.perf_counter()
@@ -376,7 +404,8 @@ def log_window(t: Training, stage: StageConfig, scheduler, window: Window, bar, 
     bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{speed:,.0f}")
     t.log.write(event="train", stage=stage.name, step=pos.step, stage_step=pos.stage_step, loss=mean_loss,
                 lr=scheduler.get_last_lr()[0], tokens=window.tokens, tokens_per_s=speed,
-                elapsed_s=time.perf_counter() - stage_start)
+                elapsed_s=time.perf_counter() - stage_start, **window.mean_stats(accelerator))
     window.loss_sum.zero_()
     window.batches = 0
+    window.stats = {}
 

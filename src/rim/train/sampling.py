@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from rim.config import Config, StageConfig
+from rim.config import RL, Config, StageConfig
 from rim.core.layout import Layout
 from rim.errors import ConfigError
 from rim.methods.base import Method, TokenizedExample
@@ -74,14 +74,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 class StageData:
     """A stage's training layouts. Static methods lay every example out once; dynamic ones (iCoT-SI) lay an example
-    out when it is drawn, at the stage position ``epoch`` (a float), with an RNG seeded by the draw's position."""
+    out when it is drawn, at the stage position ``epoch`` (a float), with an RNG seeded by the draw's position. An rl
+    stage has none: it samples its sequences (``rim.train.rl``)."""
 
     def __init__(self, data: list[TokenizedExample], method: Method, stage: StageConfig, seed: int):
         self.data, self.method, self.stage, self.seed = data, method, stage, seed
-        self.fixed = None if method.dynamic else [method.train_layout(ex, stage) for ex in data]
+        self.fixed = None if method.dynamic or stage.kind == RL else [method.train_layout(ex, stage) for ex in data]
 
     def lengths(self) -> list[int]:
-        """Sequence length of every example (for dynamic methods, at the start of the stage)."""
+        """Sequence length of every example (for dynamic methods, at the start of the stage; for an rl stage, its
+        prompt's)."""
+        if self.stage.kind == RL:
+            return [len(self.method.prompt(ex, self.stage.blocks or self.method.cfg.blocks)) for ex in self.data]
         if self.fixed is not None:
             return [len(x) for x in self.fixed]
         return [len(self.method.train_layout(ex, self.stage)) for ex in self.data]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,8 +27,9 @@ class Position:
     """Where training stands: stage index, optimizer steps into the stage and overall, epochs completed in the
     stage and micro-batches consumed in the current epoch; and the training-loss window since the last ``train``
     log line (the sum of its micro-batch losses, averaged over processes, their count, and the tokens seen in the
-    stage), so that a resumed run logs what an uninterrupted one does. The window is current in saved states;
-    so is ``train_s``, from which a resumed run counts on (its ``done`` event reports the whole run's time)."""
+    stage), so that a resumed run logs what an uninterrupted one does. The window is current in saved states; so
+    are ``log_stats`` (an rl stage's rewards) and ``train_s``, from which a resumed run counts on (its ``done``
+    event reports the whole run's time)."""
 
     stage: int = 0
     stage_step: int = 0
@@ -39,6 +40,7 @@ class Position:
     log_batches: int = 0
     log_tokens: int = 0
     train_s: float = 0.0  # training time up to here, summed over the processes' runs that got here (resumes)
+    log_stats: dict = field(default_factory=dict)  # the window's summed statistics besides the loss (rl: reward)
 
 
 def capture_rng() -> dict:
@@ -57,11 +59,12 @@ def restore_rng(state: dict) -> None:
 
 
 def save_state(folder: Path, position: Position, optimizer_state: dict | None, scheduler, best: float, config: dict,
-               processes: int = 1) -> None:
-    """Write the trainer state files into a checkpoint folder (before its manifest)."""
+               processes: int = 1, extra: dict | None = None) -> None:
+    """Write the trainer state files into a checkpoint folder (before its manifest); ``extra``: tensors a stage
+    needs back when resumed (an rl stage's reference weights, ``rl_reference``)."""
     torch.save({"optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": capture_rng(), "processes": processes}, folder / STATE_PT)
+                "rng": capture_rng(), "processes": processes, **(extra or {})}, folder / STATE_PT)
     (folder / STATE_JSON).write_text(json.dumps({"position": asdict(position), "best": best, "config": config},
                                                 indent=1), encoding="utf-8")
 
