@@ -35,6 +35,9 @@ TINY = ["model.tiny_layers=2", "model.tiny_hidden=32", "model.tiny_heads=2", "tr
         "data.options={n_train: 36, n_test: 8, n_valid: 8}"]
 RIM = ["stages=[{name: grounding, kind: grounding, steps: 6, lr: 3e-3, warmup: 0.5},"
        " {name: refinement, kind: refinement, steps: 5, lr: 1e-3, warmup: 0.6, dropout: 0.2, reset_optimizer: false}]"]
+RL = ["stages=[{name: grounding, kind: grounding, steps: 4, lr: 3e-3},"
+      " {name: refinement, kind: refinement, steps: 2, lr: 1e-3},"
+      " {name: rl, kind: rl, steps: 5, lr: 2e-2, group_size: 4, temperature: 2.0, kl_weight: 0.5}]"]
 ICOT = ["method.name=icot", "method.remove_per_epoch=3", "stages=[{name: sft, kind: sft, steps: 9, lr: 3e-3}]"]
 
 
@@ -95,6 +98,41 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, recipe, cra
     assert_same_run(full, resumed)
     events = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "resume"] == [crash - crash % 2]
+
+
+def test_a_run_resumed_inside_the_rl_stage_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Crash at step 9, resume from step 8 (two rl steps in): the sampled rewards, losses and final weights are
+    those of the uninterrupted run, and the KL reference comes back from the checkpoint: the weights of the
+    refinement stage's end (step 6), not the weights at step 8. A tiny model this short-trained answers nothing
+    right, so the reward here is the parity of the first sampled token: it varies within groups and depends on
+    every sample."""
+    from rim.train.rl import GRPO
+
+    sample = GRPO.sample
+
+    def parity(self, model, examples):
+        out = sample(self, model, examples)
+        out.rewards = torch.tensor([float(c[0] % 2) for c in out.completions])
+        return out
+
+    monkeypatch.setattr(GRPO, "sample", parity)
+    full = train(config(tmp_path, "full", RL))
+    cfg = config(tmp_path, "cut", RL)
+    with monkeypatch.context() as m:
+        crash_at(m, 9)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+    reference = load_state(tmp_path / "cut" / "checkpoints" / "step-8")[1]["rl_reference"]
+    stage_start, step8 = (load_file(tmp_path / "cut" / "checkpoints" / s / "model.safetensors")
+                          for s in ("step-6", "step-8"))
+    assert reference.keys() and all(torch.equal(reference[k], stage_start[k]) for k in reference if k in stage_start)
+    assert any(not torch.equal(reference[k], step8[k]) for k in reference if k in step8)
+    resumed = train(cfg, resume="auto")
+    assert_same_run(full, resumed)
+    events = [map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) for run in (full, resumed)]
+    rewards = [{e["step"]: (e["reward"], e["kl"]) for e in run if e["event"] == "train" and "reward" in e}
+               for run in events]
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 5
 
 
 def test_a_resumed_runs_training_time_counts_the_time_before_its_checkpoint(tmp_path, monkeypatch):
