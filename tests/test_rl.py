@@ -211,3 +211,28 @@ def test_rl_stage_trains_the_parameters_refinement_trains(tmp_path, monkeypatch)
     assert "== stage rl (rl)" in (run / "layout.txt").read_text()
     assert main(["eval", str(run), "--device", "cpu", "--max-eval", "4"]) == 0
     assert json.loads((run / "eval" / "results.json").read_text())["n"] == 4
+
+
+@pytest.mark.slow
+def test_rl_cpu_comparison_script_smoke(tmp_path):
+    """bench/rl_cpu.py (the issue's CPU comparison) with --smoke: base, refine and rl arms train, are scored on valid
+    and test, and land in the report; run again, it only reads what finished."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "rl_cpu.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "demo",
+           "--extra", "2", "--jobs", "1"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(report) == ["demo/base-s0", "demo/refine-s0", "demo/rl-s0"]
+    for scores in report.values():
+        assert 0 <= scores["test"]["final_block_accuracy"] <= 1 and len(scores["test"]["block_accuracy"]) == 8
+    assert report["demo/rl-s0"]["stages"]["rl"]["steps"] == 2 and "reward" in report["demo/rl-s0"]["stages"]["rl"]
+    assert report["demo/refine-s0"]["stages"]["refinement"]["steps"] == 2
+    assert "| demo | rl | 1 |" in (tmp_path / "report.md").read_text()
+    logs = {p.name: p.read_text() for p in (tmp_path / "demo").glob("*.log")}
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert {p.name: p.read_text() for p in (tmp_path / "demo").glob("*.log")} == logs  # nothing trained or scored
+    assert "demo/rl-s0: valid" in again.stdout
