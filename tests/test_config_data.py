@@ -65,7 +65,7 @@ def test_types_and_ranges_are_checked(tmp_path):
         load_config(None, ["stages.0.lr=0"])
     with pytest.raises(ConfigError, match="epochs/steps"):
         load_config(None, ["stages.0.epochs=null"])  # neither epochs nor steps
-    with pytest.raises(ConfigError, match="one of sft for nocot"):
+    with pytest.raises(ConfigError, match="one of sft, rl for nocot"):
         load_config(None, ["method.name=nocot"])  # the default stages are RiM's
     with pytest.raises(ConfigError, match="'full' for model.name=tiny"):
         load_config(None, ["model.train_mode=lora"])

@@ -51,7 +51,8 @@ def base_tokenizer(cfg: ModelConfig, task: Task | None = None):
 
     from rim.models.hub import resolve_model_path
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(cfg.name), trust_remote_code=cfg.trust_remote_code)
+    path = resolve_model_path(cfg.name)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_trained(run_dir: str) -> tuple[nn.Module, object]:
