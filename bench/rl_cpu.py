@@ -115,6 +115,34 @@ def report(out: Path, results: dict) -> None:
                          f"{statistics.mean(r['train_s'] for r in rows):.0f} | "
                          f"{' '.join(f'{100 * b:.0f}' for b in blocks)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(out, results, arms)
+
+
+def plot(out: Path, results: dict, arms: list[str]) -> None:
+    """``report.png``: test accuracy of the readout after each block k, mean over seeds, per variant and arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in VARIANTS if any(key.startswith(v + "/") and "test" in r for key, r in results.items())]
+    if not variants:
+        return
+    fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.6), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for arm in arms:
+            curves = [r["test"]["block_accuracy"] for key, r in results.items()
+                      if key.rsplit("-s", 1)[0] == f"{variant}/{arm}" and "test" in r]
+            if curves:
+                mean = [100 * statistics.mean(b) for b in zip(*curves)]
+                ax.plot(range(1, len(mean) + 1), mean, marker="o", label=f"{arm} ({len(curves)} seeds)")
+        ax.set(title=f"{variant}: accuracy of the readout after block k (test)", xlabel="block k",
+               ylabel="accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

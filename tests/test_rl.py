@@ -232,6 +232,7 @@ def test_rl_cpu_comparison_script_smoke(tmp_path):
     assert report["demo/rl-s0"]["stages"]["rl"]["steps"] == 2 and "reward" in report["demo/rl-s0"]["stages"]["rl"]
     assert report["demo/refine-s0"]["stages"]["refinement"]["steps"] == 2
     assert "| demo | rl | 1 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
     logs = {p.name: p.read_text() for p in (tmp_path / "demo").glob("*.log")}
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert {p.name: p.read_text() for p in (tmp_path / "demo").glob("*.log")} == logs  # nothing trained or scored
