@@ -11,7 +11,8 @@ per-block accuracy); ``--select`` instead runs only the rl arm of seed 0 for eac
 valid split, to choose the learning rate without looking at the test split.
 
 Every job writes ``<run>/scores.json`` when it finishes (a stopped script keeps what finished and skips it when
-started again); the report (``report.md``, ``report.json``) is rewritten after every job. Jobs run as ``--jobs``
+started again); the report (``report.md``, ``report.json``, ``report.png``) is rewritten from every finished job's
+``scores.json`` after each job (``--report``: only that). Jobs run as ``--jobs``
 concurrent processes with one thread each.
 """
 
@@ -95,6 +96,12 @@ def mean_se(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values) / len(values) ** 0.5:.1f}"
 
 
+def collect(out: Path) -> dict:
+    """Every finished job's scores under ``out`` (``<variant>/<arm>-s<seed>/scores.json``), by ``variant/run``."""
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())
+            for p in sorted(out.glob("*/*/scores.json"))}
+
+
 def report(out: Path, results: dict) -> None:
     """``report.json`` (every job's scores) and ``report.md`` (mean ± SE over seeds per variant and arm)."""
     (out / "report.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
@@ -159,24 +166,25 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="only the rl arm of seed 0 per --rl-lr, on valid")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny settings: a test of this script")
+    parser.add_argument("--report", action="store_true", help="only rewrite the report from what finished")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     extra = (["stages.grounding.steps=4", "stages.refinement.steps=2", "data.options.n_train=64",
               "data.options.n_test=8", "data.options.n_valid=8", "model.tiny_layers=2", "model.tiny_hidden=32",
               "model.tiny_heads=2", "eval.latency_examples=1"] if args.smoke else [])
-    results: dict = {}
-    if (out / "report.json").exists():
-        results = json.loads((out / "report.json").read_text())
+    if args.report:
+        report(out, collect(out))
+        print((out / "report.md").read_text())
+        return
 
     lock = threading.Lock()
 
     def job(key: str, run_dir: Path, overrides: list[str], splits: tuple[str, ...]) -> None:
         scores = train_and_score(run_dir, overrides, splits)
-        with lock:
-            results[key] = scores
-            report(out, results)
-        print(f"{key}: " + ", ".join(f"{s} {results[key][s]['final_block_accuracy']:.3f}" for s in splits), flush=True)
+        with lock:  # from the files: other instances of this script may write into ``out`` too
+            report(out, collect(out))
+        print(f"{key}: " + ", ".join(f"{s} {scores[s]['final_block_accuracy']:.3f}" for s in splits), flush=True)
 
     splits = ("valid",) if args.select else ("valid", "test")
 
