@@ -6,9 +6,10 @@ For every variant (demo: the `rim demo` task, running sums of 4 digits; hard: 6 
 seed: the demo's RiM (configs/cpu/rl/base.yaml) is trained once, then continued from its final weights
 (``model.init_from``) by two arms of ``--extra`` optimizer steps each: ``refine`` (one more refinement stage, the
 base's own settings) and ``rl`` (an rl stage: ``--prompts`` prompts x ``--group`` samples per step, learning rate
-``--rl-lr``). The base and both arms are scored on the valid and the test split (final- and any-block accuracy,
-per-block accuracy); ``--select`` instead runs only the rl arm of seed 0 for each ``--rl-lr`` given, scored on the
-valid split, to choose the learning rate without looking at the test split.
+``--rl-lr``; ``refine`` at ``--refine-lr``). The base and both arms are scored on the valid and the test split
+(final- and any-block accuracy, per-block accuracy); ``--select`` instead runs the arms of seed 0 once for each
+``--rl-lr`` and ``--refine-lr`` given, scored on the valid split only, to choose each arm's learning rate without
+looking at the test split.
 
 Every job writes ``<run>/scores.json`` when it finishes (a stopped script keeps what finished and skips it when
 started again); the report (``report.md``, ``report.json``, ``report.png``) is rewritten from every finished job's
@@ -81,8 +82,8 @@ def train_and_score(run_dir: Path, overrides: list[str], splits: tuple[str, ...]
 def arm_overrides(arm: str, base_dir: Path, args) -> list[str]:
     common = [f"model.init_from={base_dir}"]
     if arm == "refine":
-        return [*common, f"stages=[{{name: refinement, kind: refinement, steps: {args.extra}, lr: 5.0e-4, "
-                         "warmup: 0.04, block_weight: linear}]"]
+        return [*common, f"stages=[{{name: refinement, kind: refinement, steps: {args.extra}, "
+                         f"lr: {args.refine_lr[0]}, warmup: 0.04, block_weight: linear}}]"]
     return [*common, f"train.batch_size={args.prompts}",
             f"stages=[{{name: rl, kind: rl, steps: {args.extra}, lr: {args.rl_lr[0]}, warmup: 0.04, "
             f"group_size: {args.group}, kl_weight: {args.kl}, temperature: {args.temperature}}}]"]
@@ -163,7 +164,9 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=0.04)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rl-lr", type=float, nargs="+", default=[1e-4])
-    parser.add_argument("--select", action="store_true", help="only the rl arm of seed 0 per --rl-lr, on valid")
+    parser.add_argument("--refine-lr", type=float, nargs="+", default=[5e-4])
+    parser.add_argument("--select", action="store_true",
+                        help="only the arms of seed 0, one per --rl-lr and --refine-lr, scored on valid")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny settings: a test of this script")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from what finished")
@@ -193,10 +196,11 @@ def main() -> None:
         base = [*VARIANTS[variant], *extra, f"train.seed={seed}"]
         job(f"{variant}/base-s{seed}", base_dir, base, splits)
         if args.select:
-            for lr in args.rl_lr:
-                args_lr = argparse.Namespace(**{**vars(args), "rl_lr": [lr]})
-                job(f"{variant}/rl-lr{lr:g}-s{seed}", out / variant / f"rl-lr{lr:g}-s{seed}",
-                    [*base, *arm_overrides("rl", base_dir, args_lr)], splits)
+            for arm in ("refine", "rl"):
+                for lr in vars(args)[f"{arm}_lr"]:
+                    args_lr = argparse.Namespace(**{**vars(args), f"{arm}_lr": [lr]})
+                    job(f"{variant}/{arm}-lr{lr:g}-s{seed}", out / variant / f"{arm}-lr{lr:g}-s{seed}",
+                        [*base, *arm_overrides(arm, base_dir, args_lr)], splits)
             return
         for arm in ("refine", "rl"):
             job(f"{variant}/{arm}-s{seed}", out / variant / f"{arm}-s{seed}",
