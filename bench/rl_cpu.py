@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rl-lr", type=float, nargs="+", default=[1e-4])
     parser.add_argument("--refine-lr", type=float, nargs="+", default=[5e-4])
+    parser.add_argument("--arms", nargs="+", choices=["refine", "rl"], default=["refine", "rl"])
     parser.add_argument("--select", action="store_true",
                         help="only the arms of seed 0, one per --rl-lr and --refine-lr, scored on valid")
     parser.add_argument("--jobs", type=int, default=2)
@@ -202,7 +203,7 @@ def main() -> None:
                     job(f"{variant}/{arm}-lr{lr:g}-s{seed}", out / variant / f"{arm}-lr{lr:g}-s{seed}",
                         [*base, *arm_overrides(arm, base_dir, args_lr)], splits)
             return
-        for arm in ("refine", "rl"):
+        for arm in args.arms:
             job(f"{variant}/{arm}-s{seed}", out / variant / f"{arm}-s{seed}",
                 [*base, *arm_overrides(arm, base_dir, args)], splits)
 
