@@ -153,6 +153,30 @@ def plot(out: Path, results: dict, arms: list[str]) -> None:
     plt.close(fig)
 
 
+def time_arms(out: Path, args) -> dict:
+    """Seconds per optimizer step of each arm, ``--time-steps`` steps from each variant's seed-0 base, one run at a
+    time (compare the two side by side: run nothing else meanwhile); written to ``timing.json``."""
+    rows = {}
+    for variant in args.variants:
+        base_dir = out / variant / "base-s0"
+        for arm in ("refine", "rl"):
+            run_dir = out / "timing" / f"{variant}-{arm}"
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            overrides = [*VARIANTS[variant], *arm_overrides(arm, base_dir, args),
+                         f"stages.0.steps={args.time_steps}", "eval.latency_examples=0"]
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = run_dir.parent / f"{run_dir.name}.log"
+            run(["rim", "train", str(BASE), *overrides, f"output_dir={run_dir}"], log)
+            events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            trained = [e for e in events if e["event"] == "train"][-1]
+            done = [e for e in events if e["event"] == "done"][-1]
+            rows[f"{variant}/{arm}"] = {"steps": done["steps"], "s_per_step": done["train_s"] / done["steps"],
+                                        "tokens_per_step": trained["tokens"] / done["steps"]}
+    (out / "timing.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/rl-cpu"))
@@ -171,12 +195,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny settings: a test of this script")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from what finished")
+    parser.add_argument("--time-steps", type=int, default=0,
+                        help="only time N steps of each arm from the seed-0 bases, one run at a time")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     extra = (["stages.grounding.steps=4", "stages.refinement.steps=2", "data.options.n_train=64",
               "data.options.n_test=8", "data.options.n_valid=8", "model.tiny_layers=2", "model.tiny_hidden=32",
               "model.tiny_heads=2", "eval.latency_examples=1"] if args.smoke else [])
+    if args.time_steps:
+        print(json.dumps(time_arms(out, args), indent=1))
+        return
     if args.report:
         report(out, collect(out))
         print((out / "report.md").read_text())

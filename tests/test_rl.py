@@ -237,3 +237,6 @@ def test_rl_cpu_comparison_script_smoke(tmp_path):
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert {p.name: p.read_text() for p in (tmp_path / "demo").glob("*.log")} == logs  # nothing trained or scored
     assert "demo/rl-s0: valid" in again.stdout
+    subprocess.run([*cmd, "--time-steps", "1"], check=True, capture_output=True, text=True)
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert sorted(timing) == ["demo/refine", "demo/rl"] and all(t["s_per_step"] > 0 for t in timing.values())
