@@ -14,7 +14,8 @@ looking at the test split.
 Every job writes ``<run>/scores.json`` when it finishes (a stopped script keeps what finished and skips it when
 started again); the report (``report.md``, ``report.json``, ``report.png``) is rewritten from every finished job's
 ``scores.json`` after each job (``--report``: only that). Jobs run as ``--jobs``
-concurrent processes with one thread each.
+concurrent processes with one thread each, so their training times share the cores: compare the arms' cost with
+``--time-steps`` (``timing.json``), which runs them one at a time.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def collect(out: Path) -> dict:
 def report(out: Path, results: dict) -> None:
     """``report.json`` (every job's scores) and ``report.md`` (mean ± SE over seeds per variant and arm)."""
     (out / "report.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    lines = ["| variant | arm | seeds | valid final | test final | test any-block | extra train s (mean) | "
-             "test per-block (mean) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | arm | seeds | valid final | test final | test any-block | test per-block (mean) |",
+             "|---|---|---|---|---|---|---|"]
     arms = sorted({key.split("/")[1].rsplit("-s", 1)[0] for key in results}, key=lambda a: (a != "base", a))
     for variant in VARIANTS:
         for arm in arms:
@@ -120,7 +121,6 @@ def report(out: Path, results: dict) -> None:
             lines.append(f"| {variant} | {arm} | {len(rows)} | {mean_se(valid)} | "
                          f"{mean_se([t['final_block_accuracy'] for t in test])} | "
                          f"{mean_se([t['any_block_accuracy'] for t in test])} | "
-                         f"{statistics.mean(r['train_s'] for r in rows):.0f} | "
                          f"{' '.join(f'{100 * b:.0f}' for b in blocks)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(out, results, arms)
