@@ -6,7 +6,8 @@ the task's answer budget, with the same decoding as evaluation (``greedy_generat
 The reward of a completion is the task's ``is_correct`` of the answer extracted from it (1 or 0; no format
 reward). One update per sampled batch: the loss is GRPO's over the completions, with a KL penalty (``kl_weight``)
 to the policy at the stage's start (the reference: a copy of the trainable weights only, taken when the stage
-starts and saved in every step checkpoint of the stage, so a run resumed inside the stage has the same one).
+starts and saved in every step checkpoint of the stage, so a run resumed inside the stage has the same one; copied
+into the model's own parameters for the reference's forward pass and back after it).
 
 The gradient of each answer token's log-probability flows through the whole prompt, the memory blocks included:
 the stage trains exactly the parameters the other stages train (LoRA and the new token rows, or every weight).
@@ -18,6 +19,8 @@ stage, and needs nothing the GPU machines lack (TRL is not installed there). doc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +48,7 @@ class Samples:
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of the trainable parameters by name: the KL reference (what ``functional_call`` swaps in)."""
+    """A detached copy of the trainable parameters by name: the KL reference (what ``swapped_in`` copies in)."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -70,15 +73,31 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad
     return inputs, *(torch.tensor(x, device=device) for x in (keep, labels, sequence))
 
 
+@contextmanager
+def swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block the named parameters hold ``weights`` (copied in place, and their own values copied back
+    after): the parameter objects stay the optimizer's, whatever aliases them (a tied embedding and LM head share
+    one peft token-row module, which ``torch.func.functional_call`` restores wrongly). No autograd graph may hold
+    these parameters meanwhile: run it before the policy's forward."""
+    params = dict(model.named_parameters())
+    own = {}
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name] = params[name].detach().clone()
+            params[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in own.items():
+                params[name].copy_(value)
+
+
 def token_logprobs(model, inputs: dict[str, torch.Tensor], keep: torch.Tensor, labels: torch.Tensor,
-                   temperature: float, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """log π(label) at each kept position, from logits / ``temperature`` (the distribution sampled from);
-    ``weights``: run with these trainable weights swapped in (the reference) instead of the model's own."""
+                   temperature: float) -> torch.Tensor:
+    """log π(label) at each kept position, from logits / ``temperature`` (the distribution sampled from)."""
     with logits_at(model, keep):
-        if weights is None:
-            out = model(**inputs)
-        else:
-            out = torch.func.functional_call(model, weights, (), inputs, strict=False)
+        out = model(**inputs, use_cache=False)
     logits = check_kept(out.logits, keep).float() / temperature
     return F.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
 
@@ -135,11 +154,11 @@ class GRPO:
         inputs, keep, labels, sequence = completion_batch(samples.prompts, samples.completions,
                                                           self.tokenizer.pad_token_id, device)
         temperature = self.stage.temperature
-        logp = token_logprobs(model, inputs, keep, labels, temperature)
         ref_logp = None
-        if self.reference is not None:
-            with torch.no_grad(), self.accelerator.autocast():
-                ref_logp = token_logprobs(inner, inputs, keep, labels, temperature, self.reference)
+        if self.reference is not None:  # first: the swap must not touch weights that a graph holds
+            with torch.no_grad(), self.accelerator.autocast(), swapped_in(inner, self.reference):
+                ref_logp = token_logprobs(inner, inputs, keep, labels, temperature)
+        logp = token_logprobs(model, inputs, keep, labels, temperature)
         advantages = group_advantages(samples.rewards, self.stage.group_size, self.stage.scale_rewards).to(device)
         loss = grpo_loss(logp, advantages, sequence, self.stage.kl_weight, ref_logp)
         grouped = samples.rewards.view(-1, self.stage.group_size)
