@@ -79,7 +79,7 @@ def grpo_on_tiny(stage_overrides: str, seed: int = 0):
     method = make_method(cfg.method, tokenizer)
     data = [method.tokenize(task, tokenizer, ex) for ex in task.load("train")]
     model.train()
-    return cfg, GRPO(cfg, cfg.stages[0], task, method, tokenizer, model, FakeAccelerator(), data), model, data
+    return cfg, GRPO(cfg.stages[0], task, method, tokenizer, model, FakeAccelerator(), data), model, data
 
 
 def test_grpo_gradient_equals_per_sequence_policy_gradient():

@@ -281,10 +281,15 @@ def tokenize_training(method: Method, task: Task, tokenizer, examples: list[Exam
     return kept
 
 
+def stage_prompt(method: Method, ex: TokenizedExample, stage: StageConfig) -> list[int]:
+    """The inference prompt an rl stage samples after: with the stage's ``blocks``, else ``method.blocks`` (K)."""
+    return method.prompt(ex, stage.blocks or method.cfg.blocks)
+
+
 def training_length(method: Method, ex: TokenizedExample, stages: list[StageConfig]) -> int:
     """Tokens of an example's longest training sequence over ``stages`` (a dynamic method's at the start of a
     stage, where it is longest; an rl stage's prompt, which its sampled completions follow)."""
-    return max(len(method.prompt(ex, stage.blocks or method.cfg.blocks)) if stage.kind == RL
+    return max(len(stage_prompt(method, ex, stage)) if stage.kind == RL
                else len(method.train_layout(ex, stage)) for stage in stages)
 
 

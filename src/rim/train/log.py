@@ -7,10 +7,12 @@ from rim.config import Config, StageConfig, flatten, to_dict
 from rim.core.batch import collate
 from rim.core.layout import IGNORE, Layout
 from rim.core.show import format_layout
+from rim.methods.base import stage_prompt
 from rim.rundir import RunDir
 from rim.train.loss import stage_weights
 
 RL_STATS = ("reward", "signal", "completion_tokens", "ended", "kl")  # what an rl stage's train events add
+
 
 class RunLog:
     """JSONL metrics (always) and, through ``accelerator``, the configured trackers (TensorBoard, W&B, ...): the
@@ -43,7 +45,7 @@ def describe_layout(layout: Layout, tokenizer, stage: StageConfig, sees_question
 
 def describe_prompt(method, example, stage: StageConfig, tokenizer) -> str:
     """An rl stage's view of an example: the inference prompt its completions are sampled after, and the reward."""
-    prompt = method.prompt(example, stage.blocks or method.cfg.blocks)
+    prompt = stage_prompt(method, example, stage)
     return (f"prompt ({len(prompt)} tokens): {' '.join(tokenizer.convert_ids_to_tokens(prompt))}\n"
             f"then {stage.group_size} completions sampled at temperature {stage.temperature}; reward 1 where the "
             f"answer is correct ({example.example.answer!r}), else 0; GRPO loss, KL weight {stage.kl_weight}")

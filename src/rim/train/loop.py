@@ -289,7 +289,7 @@ def run_stage(t: Training, stage: StageConfig, optimizer=None, resumed: dict | N
     rl = None  # an rl stage samples its batches; its reference comes back from a checkpoint inside the stage
     if stage.kind == RL:
         reference = resumed.get("rl_reference") if resumed is not None and pos.stage_step else None
-        rl = GRPO(cfg, stage, t.task, t.method, t.tokenizer, model, accelerator, t.data, reference)
+        rl = GRPO(stage, t.task, t.method, t.tokenizer, model, accelerator, t.data, reference)
     t.checkpointer.stage_state = rl.state() if rl is not None else {}
     accumulate = accelerator.gradient_accumulation_steps  # per process: grad_accum / processes
     steps_per_epoch = math.ceil(len(plan.loader) / accumulate)

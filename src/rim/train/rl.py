@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rim.config import Config, StageConfig
+from rim.config import StageConfig
 from rim.core.grpo import group_advantages, grpo_loss, token_kl
 from rim.data.tasks import Task
 from rim.errors import ConfigError
 from rim.eval.evaluate import answer_budget, longest_cot
 from rim.infer.generate import greedy_generate
-from rim.methods.base import Method, TokenizedExample
+from rim.methods.base import Method, TokenizedExample, stage_prompt
 from rim.models.adapter import check_kept, logits_at
 
 
@@ -106,14 +106,13 @@ class GRPO:
     """One rl stage's sampling and loss. ``reference``: the KL reference's weights (a resumed checkpoint's), else
     taken from the model now (only when ``kl_weight`` > 0)."""
 
-    def __init__(self, cfg: Config, stage: StageConfig, task: Task, method: Method, tokenizer, model,
+    def __init__(self, stage: StageConfig, task: Task, method: Method, tokenizer, model,
                  accelerator, data: list[TokenizedExample], reference: dict[str, torch.Tensor] | None = None):
         why = method.plain_decoding()
         if why is not None:
             raise ConfigError(f"stage {stage.name!r} (kind rl) samples after the plain inference prompt, but {why}")
         self.stage, self.task, self.method = stage, task, method
         self.tokenizer, self.accelerator = tokenizer, accelerator
-        self.blocks = stage.blocks or cfg.method.blocks
         self.budget = answer_budget(task, method, longest_cot(data))
         inner = accelerator.unwrap_model(model)
         device = next(inner.parameters()).device
@@ -130,7 +129,7 @@ class GRPO:
     def sample(self, model, examples: list[TokenizedExample]) -> Samples:
         """``group_size`` completions per example, sampled from ``model`` (unwrapped; in eval mode), and rewards."""
         group, eos = self.stage.group_size, self.tokenizer.eos_token_id
-        prompts = [self.method.prompt(ex, self.blocks) for ex in examples for _ in range(group)]
+        prompts = [stage_prompt(self.method, ex, self.stage) for ex in examples for _ in range(group)]
         was_training = model.training
         model.eval()
         with self.accelerator.autocast():

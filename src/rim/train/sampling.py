@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from rim.config import RL, Config, StageConfig
 from rim.core.layout import Layout
 from rim.errors import ConfigError
-from rim.methods.base import Method, TokenizedExample
+from rim.methods.base import Method, TokenizedExample, stage_prompt
 from rim.train.state import Position
 
 
@@ -85,7 +85,7 @@ class StageData:
         """Sequence length of every example (for dynamic methods, at the start of the stage; for an rl stage, its
         prompt's)."""
         if self.stage.kind == RL:
-            return [len(self.method.prompt(ex, self.stage.blocks or self.method.cfg.blocks)) for ex in self.data]
+            return [len(stage_prompt(self.method, ex, self.stage)) for ex in self.data]
         if self.fixed is not None:
             return [len(x) for x in self.fixed]
         return [len(self.method.train_layout(ex, self.stage)) for ex in self.data]
